@@ -1,0 +1,18 @@
+"""gpgrad_jax: GP marginal likelihoods with exact, closed-form gradients in the index set.
+
+>>> import gpgrad_jax as gg
+>>> from gpgrad_jax import kernels, noise
+"""
+
+from gpgrad_jax import kernels, noise, reference
+from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "index_gradient",
+    "kernels",
+    "log_marginal_likelihood",
+    "noise",
+    "reference",
+]

@@ -1,0 +1,215 @@
+"""Observation noise, given as a square root ``S`` of the noise precision ``Λ = SᵀS``.
+
+Data ``r = y − μ`` of shape ``(n, D)`` is flattened point-major to length
+``n·D``.  A noise model never builds the ``(nD × nD)`` matrix ``S`` (except
+:class:`Dense`, which *is* one); instead it exposes the few structured maps the
+likelihood needs.  ``U = I + S (K ⊗ I_D) Sᵀ`` is represented by its *core*
+``U_c`` of shape ``(p, p)`` with ``U = U_c ⊗ I_q`` and ``m = p·q`` rows:
+
+* :class:`Isotropic` — ``S = I/σ``: ``U = (I + K/σ²) ⊗ I_D``, so ``p = n``,
+  ``q = D`` and only an ``n × n`` matrix is ever factored;
+* :class:`PerPoint` — ``S = blockdiag(B_1 … B_n)``: ``p = nD``, ``q = 1``;
+* :class:`Dense` — any ``(m, nD)`` matrix: ``p = m``, ``q = 1``.
+
+``S`` may be rank deficient (a 3-D point seen along one camera ray has a
+rank-2 precision): ``U``'s eigenvalues are still ``≥ 1``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = Any
+
+
+class Noise(abc.ABC):
+    """Abstract base of the noise models (see the module docstring)."""
+
+    @abc.abstractmethod
+    def core_shape(self, n: int, dim: int) -> tuple[int, int]:
+        """``(p, q)``: ``U = U_c ⊗ I_q`` with ``U_c`` of shape ``(p, p)``."""
+
+    @abc.abstractmethod
+    def whiten(self, r: Array) -> Array:
+        """``w = S r`` for residuals ``r`` of shape ``(n, D)``; returns ``(p, q)``."""
+
+    @abc.abstractmethod
+    def unwhiten(self, v: Array, dim: int) -> Array:
+        """``Sᵀ v`` for ``v`` of shape ``(p, q)``; returns ``(n, D)``."""
+
+    @abc.abstractmethod
+    def core(self, kernel_matrix: Array, dim: int) -> Array:
+        """``U_c − I``: the core of ``S (K ⊗ I_D) Sᵀ``, shape ``(p, p)``."""
+
+    @abc.abstractmethod
+    def core_adjoint(self, v: Array, dim: int) -> Array:
+        """Adjoint of :meth:`core` in ``K``: ``V ↦ blocktrace(Sᵀ (V ⊗ I_q) S)``, ``(n, n)``."""
+
+    @abc.abstractmethod
+    def dense_matrix(self, n: int, dim: int) -> Array:
+        """The explicit ``(m, nD)`` matrix ``S`` (for reference code and tests only)."""
+
+    @abc.abstractmethod
+    def check_shapes(self, n: int, dim: int) -> None:
+        """Raise ``ValueError`` if this noise does not fit ``n`` points of dimension ``D``."""
+
+    def positive_parameters(self) -> dict[str, Array]:
+        """Parameters that must be strictly positive, by name."""
+        return {}
+
+
+def _pytree_dataclass(cls):
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+@_pytree_dataclass
+class Isotropic(Noise):
+    """Independent noise of standard deviation ``sigma`` on every coordinate: ``S = I/σ``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gpgrad_jax import noise
+        >>> noise.Isotropic(0.5).whiten(jnp.ones((2, 3))).shape
+        (2, 3)
+    """
+
+    sigma: Array
+
+    def core_shape(self, n, dim):
+        return n, dim
+
+    def whiten(self, r):
+        return r / self.sigma
+
+    def unwhiten(self, v, dim):
+        return v / self.sigma
+
+    def core(self, kernel_matrix, dim):
+        return kernel_matrix / self.sigma**2
+
+    def core_adjoint(self, v, dim):
+        return v / self.sigma**2
+
+    def dense_matrix(self, n, dim):
+        return jnp.eye(n * dim) / self.sigma
+
+    def check_shapes(self, n, dim):
+        if jnp.shape(self.sigma) != ():
+            raise ValueError(
+                f"noise.Isotropic: `sigma` must be a scalar, got shape {jnp.shape(self.sigma)}"
+            )
+
+    def positive_parameters(self):
+        return {"sigma": self.sigma}
+
+
+@_pytree_dataclass
+class PerPoint(Noise):
+    """Per-point precision square roots ``B_i`` (``S = blockdiag(B_1 … B_n)``).
+
+    ``blocks`` has shape ``(n, D, D)``; for 1-D data also ``(n,)`` (``B_i`` a
+    scalar inverse standard deviation).  Blocks may be rank deficient or zero:
+    a point seen by one camera gives ``B_i`` of rank 2, ``B_iᵀB_i`` the
+    precision orthogonal to the viewing ray.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gpgrad_jax import noise
+        >>> ray = jnp.array([0.0, 0.0, 1.0])
+        >>> block = (jnp.eye(3) - jnp.outer(ray, ray)) / 0.1   # no information along the ray
+        >>> noise.PerPoint(jnp.stack([block, block])).whiten(jnp.ones((2, 3))).shape
+        (6, 1)
+    """
+
+    blocks: Array
+
+    def _blocks3(self, dim):
+        return jnp.reshape(self.blocks, (-1, dim, dim))
+
+    def core_shape(self, n, dim):
+        return n * dim, 1
+
+    def whiten(self, r):
+        n, dim = r.shape
+        return jnp.einsum("iab,ib->ia", self._blocks3(dim), r).reshape(n * dim, 1)
+
+    def unwhiten(self, v, dim):
+        blocks = self._blocks3(dim)
+        return jnp.einsum("iab,ia->ib", blocks, v.reshape(blocks.shape[0], dim))
+
+    def core(self, kernel_matrix, dim):
+        n = kernel_matrix.shape[0]
+        blocks = self._blocks3(dim)
+        # (S (K ⊗ I) Sᵀ)[(i,a),(j,c)] = K_ij (B_i B_jᵀ)_ac
+        core = jnp.einsum("iab,ij,jcb->iajc", blocks, kernel_matrix, blocks)
+        return core.reshape(n * dim, n * dim)
+
+    def core_adjoint(self, v, dim):
+        blocks = self._blocks3(dim)
+        n = blocks.shape[0]
+        return jnp.einsum("iab,iajc,jcb->ij", blocks, v.reshape(n, dim, n, dim), blocks)
+
+    def dense_matrix(self, n, dim):
+        blocks = self._blocks3(dim)
+        return jnp.einsum("ij,iab->iajb", jnp.eye(n, dtype=blocks.dtype), blocks).reshape(
+            n * dim, n * dim
+        )
+
+    def check_shapes(self, n, dim):
+        shape = jnp.shape(self.blocks)
+        allowed = [(n, dim, dim)] + ([(n,)] if dim == 1 else [])
+        if shape not in allowed:
+            want = " or ".join(str(s) for s in allowed)
+            raise ValueError(
+                f"noise.PerPoint: `blocks` must have shape {want} for {n} points of "
+                f"dimension D={dim}, got shape {shape}"
+            )
+
+
+@_pytree_dataclass
+class Dense(Noise):
+    """A general precision square root ``S`` of shape ``(m, n·D)``.
+
+    ``S`` acts on the point-major flattened data ``(y_11 … y_1D, y_21 …)``;
+    ``m`` may be smaller or larger than ``n·D`` (e.g. one row per camera pixel
+    coordinate).  The ``(m × m)`` matrix ``U`` is factored.
+    """
+
+    matrix: Array
+
+    def core_shape(self, n, dim):
+        return self.matrix.shape[0], 1
+
+    def _split(self, dim):
+        m, width = self.matrix.shape
+        return self.matrix.reshape(m, width // dim, dim)
+
+    def whiten(self, r):
+        return (self.matrix @ r.reshape(-1))[:, None]
+
+    def unwhiten(self, v, dim):
+        return (self.matrix.T @ v[:, 0]).reshape(-1, dim)
+
+    def core(self, kernel_matrix, dim):
+        s3 = self._split(dim)
+        return jnp.einsum("lia,ij,pja->lp", s3, kernel_matrix, s3)
+
+    def core_adjoint(self, v, dim):
+        s3 = self._split(dim)
+        return jnp.einsum("lia,lp,pja->ij", s3, v, s3)
+
+    def dense_matrix(self, n, dim):
+        return self.matrix
+
+    def check_shapes(self, n, dim):
+        shape = jnp.shape(self.matrix)
+        if len(shape) != 2 or shape[1] != n * dim or shape[0] < 1:
+            raise ValueError(
+                f"noise.Dense: `matrix` must have shape (m, n*D) = (m, {n * dim}) for {n} "
+                f"points of dimension D={dim}, got shape {shape}"
+            )

@@ -1,0 +1,29 @@
+"""Covariance kernels: pytrees with hand-derived first-argument derivatives.
+
+See :class:`Kernel`.  Compose with ``+`` and ``*``; ``c * k`` scales by a
+learnable constant.
+"""
+
+from gpgrad_jax._kernels import (
+    Constant,
+    CubicSpline,
+    ExpSquared,
+    Kernel,
+    Linear,
+    Matern32,
+    Matern52,
+    Product,
+    Sum,
+)
+
+__all__ = [
+    "Constant",
+    "CubicSpline",
+    "ExpSquared",
+    "Kernel",
+    "Linear",
+    "Matern32",
+    "Matern52",
+    "Product",
+    "Sum",
+]
