@@ -6,6 +6,7 @@
 
 from gpgrad_jax import kernels, noise, reference
 from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood
+from gpgrad_jax._predict import predict
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,6 @@ __all__ = [
     "kernels",
     "log_marginal_likelihood",
     "noise",
+    "predict",
     "reference",
 ]

@@ -1,0 +1,139 @@
+"""Random, well-conditioned GP problems for the tests, drawn from a few fixed sizes.
+
+Shapes come from small fixed sets so that ``jit`` compiles once per shape and
+kernel structure, while ``hypothesis`` varies the values through a seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+
+from gpgrad_jax import kernels, noise
+
+N_POINTS = 6
+DATA_DIMS = (1, 3)
+
+# name -> (factory(rng, index_dim) -> kernel, scalar indices only)
+KERNELS = {
+    "curve": (
+        lambda rng, d: kernels.CubicSpline(rng.uniform(0.5, 2.0))
+        + kernels.Linear(rng.uniform(0.2, 1.0))
+        + kernels.Constant(rng.uniform(0.2, 1.0)),
+        True,
+    ),
+    "cubic_spline": (lambda rng, d: kernels.CubicSpline(rng.uniform(0.5, 2.0)), True),
+    "linear": (lambda rng, d: kernels.Linear(rng.uniform(0.2, 2.0)), False),
+    "exp_squared": (
+        lambda rng, d: kernels.ExpSquared(rng.uniform(0.5, 2.0), _lengthscale(rng, d)),
+        False,
+    ),
+    "matern32": (
+        lambda rng, d: kernels.Matern32(rng.uniform(0.5, 2.0), _lengthscale(rng, d)),
+        False,
+    ),
+    "matern52": (
+        lambda rng, d: kernels.Matern52(rng.uniform(0.5, 2.0), _lengthscale(rng, d)),
+        False,
+    ),
+    "scaled_product_plus_constant": (
+        lambda rng, d: rng.uniform(0.5, 2.0)
+        * kernels.Matern52(1.0, _lengthscale(rng, d))
+        * kernels.ExpSquared(1.0, 2.0 * _lengthscale(rng, d))
+        + kernels.Constant(rng.uniform(0.1, 1.0)),
+        False,
+    ),
+}
+
+NOISES = ("isotropic", "per_point", "per_point_rank_deficient", "dense")
+
+
+def _lengthscale(rng, index_dim):
+    if index_dim is None or rng.uniform() < 0.5:
+        return rng.uniform(0.4, 1.5)
+    return rng.uniform(0.4, 1.5, size=index_dim)  # ARD
+
+
+def make_noise(kind: str, rng: np.random.Generator, n: int, dim: int) -> noise.Noise:
+    if kind == "isotropic":
+        return noise.Isotropic(rng.uniform(0.3, 1.0))
+    if kind == "per_point":
+        blocks = rng.normal(size=(n, dim, dim)) + 2.0 * np.eye(dim)
+        if dim == 1 and rng.uniform() < 0.5:
+            blocks = blocks.reshape(n)  # the (n,) form for 1-D data
+        return noise.PerPoint(blocks)
+    if kind == "per_point_rank_deficient":
+        # Each point seen along one ray: precision zero along the ray; some
+        # points carry no information at all (a zero block).
+        rays = rng.normal(size=(n, dim))
+        rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+        blocks = (np.eye(dim) - rays[:, :, None] * rays[:, None, :]) / rng.uniform(0.3, 1.0, (n, 1, 1))
+        blocks[rng.uniform(size=n) < 0.25] = 0.0
+        if dim == 1:
+            blocks[0] = 1.5  # keep at least one informative point for 1-D data
+        return noise.PerPoint(blocks)
+    if kind == "dense":
+        rows = n * dim + int(rng.choice([-2, 1]))
+        return noise.Dense(rng.normal(size=(rows, n * dim)) / 2.0)
+    raise ValueError(kind)
+
+
+@dataclasses.dataclass
+class Problem:
+    kernel: kernels.Kernel
+    x: jax.Array
+    y: jax.Array
+    noise: noise.Noise
+    mean: jax.Array
+
+    def args(self):
+        return self.kernel, self.x, self.y, self.noise, self.mean
+
+    def astype(self, dtype) -> "Problem":
+        cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        return Problem(*(jax.tree_util.tree_map(cast, a) for a in self.args()))
+
+
+def make_problem(
+    kernel_name: str, noise_kind: str, seed: int, dim: int, index_dim: int | None, n: int = N_POINTS
+) -> Problem:
+    rng = np.random.default_rng(seed)
+    factory, scalar_only = KERNELS[kernel_name]
+    if scalar_only:
+        index_dim = None
+    kernel = factory(rng, index_dim)
+    if index_dim is None:
+        x = np.sort(rng.uniform(0.05, 3.0, n))
+    else:
+        x = rng.normal(size=(n, index_dim))
+    y_shape = (n,) if dim == 1 else (n, dim)
+    y = rng.normal(size=y_shape)
+    mean = 0.3 * rng.normal(size=y_shape)
+    dtype = jnp.zeros(()).dtype  # float64 under x64, else float32
+    problem = Problem(kernel, x, y, make_noise(noise_kind, rng, n, dim), mean)
+    return problem.astype(dtype)
+
+
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+data_dims = st.sampled_from(DATA_DIMS)
+index_dims = st.sampled_from([None, 2])
+
+
+def assert_trees_close(actual, expected, rtol, what=""):
+    """Leafwise ``‖a − e‖∞ ≤ rtol · max(‖e‖∞, 1)``; also checks structure and finiteness."""
+    actual_leaves, actual_def = jax.tree_util.tree_flatten(actual)
+    expected_leaves, expected_def = jax.tree_util.tree_flatten(expected)
+    assert actual_def == expected_def, f"{what}: structure {actual_def} != {expected_def}"
+    for path_and_a, e in zip(jax.tree_util.tree_leaves_with_path(actual), expected_leaves):
+        path, a = path_and_a
+        a, e = np.asarray(a), np.asarray(e)
+        name = f"{what}{jax.tree_util.keystr(path)}"
+        assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
+        assert np.all(np.isfinite(a)), f"{name}: non-finite values {a}"
+        scale = max(float(np.max(np.abs(e), initial=0.0)), 1.0)
+        err = float(np.max(np.abs(a - e), initial=0.0))
+        assert err <= rtol * scale, f"{name}: max error {err:.3e} > {rtol:.1e} * {scale:.3e}\n{a}\n{e}"

@@ -1,0 +1,46 @@
+"""The examples run end to end (quick mode) as the scripts users run."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, tmp_path):
+    env = dict(os.environ, MPLBACKEND="Agg")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip().splitlines()
+
+
+@pytest.fixture(autouse=True)
+def _once(x64):
+    # The examples pick their own precision; running them in the float32 session too adds nothing.
+    if not x64:
+        pytest.skip("examples run in the float64 session only")
+
+
+def test_camera_rays_recovers_indices(tmp_path):
+    lines = _run("camera_rays.py", tmp_path=tmp_path)
+    last = lines[-1]
+    assert last.startswith("index error: ")
+    before, after = (float(v) for v in last.removeprefix("index error: ").split(" -> "))
+    assert after * 5 <= before, last
+    assert (tmp_path / "camera_rays.png").stat().st_size > 10_000
+    assert any("lbfgs iter" in line for line in lines)
+
+
+def test_camera_rays_learns_kernel_jointly(tmp_path):
+    lines = _run("camera_rays.py", "--learn-kernel", "--no-plots", tmp_path=tmp_path)
+    before, after = (float(v) for v in lines[-1].removeprefix("index error: ").split(" -> "))
+    assert after * 5 <= before, lines[-1]
