@@ -7,14 +7,17 @@
 from gpgrad_jax import kernels, noise, reference
 from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood
 from gpgrad_jax._predict import predict
+from gpgrad_jax._validation import FactorizationError, value_checks
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FactorizationError",
     "index_gradient",
     "kernels",
     "log_marginal_likelihood",
     "noise",
     "predict",
     "reference",
+    "value_checks",
 ]

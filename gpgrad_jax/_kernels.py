@@ -163,7 +163,7 @@ class CubicSpline(Kernel):
 
     Example:
         >>> from gpgrad_jax import kernels
-        >>> float(kernels.CubicSpline(variance=3.0).evaluate(1.0, 1.0))
+        >>> round(float(kernels.CubicSpline(variance=3.0).evaluate(1.0, 1.0)), 6)
         1.0
     """
 

@@ -30,7 +30,7 @@ from jax.scipy.linalg import cho_solve
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._linalg import cho_inverse
 from gpgrad_jax._noise import Noise
-from gpgrad_jax._validation import check_problem
+from gpgrad_jax._validation import check_factorization, check_problem
 
 Array = Any
 
@@ -45,6 +45,7 @@ def _factor(kernel: Kernel, noise: Noise, x: Array, r: Array):
     kernel_matrix = kernel.matrix(x, x)
     u_core = noise.core(kernel_matrix, dim) + jnp.eye(p, dtype=r.dtype)
     chol = jnp.linalg.cholesky(u_core)
+    check_factorization(chol, u_core)
     w = noise.whiten(r)
     alpha = cho_solve((chol, True), w)
     value = (

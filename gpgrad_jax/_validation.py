@@ -3,8 +3,8 @@
 Shapes and dtypes are checked on every call, before anything is traced (so
 also under ``jit`` and ``vmap``, where shapes are known).  Values — finiteness,
 positivity, non-negative cubic-spline indices — are checked whenever the
-argument is concrete; under ``jit`` use :func:`gpgrad_jax.checked` (a
-``checkify`` wrapper) to get the same checks at run time.
+argument is concrete; under ``jit`` call :func:`gpgrad_jax.value_checks` inside a ``checkify``-
+transformed function to get the same checks at run time.
 """
 
 from __future__ import annotations
@@ -19,6 +19,43 @@ from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._noise import Noise
 
 Array = Any
+
+
+class FactorizationError(FloatingPointError):
+    """``U = I + S (K ⊗ I_D) Sᵀ`` could not be Cholesky-factored in the working precision."""
+
+
+def check_factorization(chol: Any, u_core: Any) -> None:
+    """Raise :class:`FactorizationError` with advice if a *concrete* factor of ``U`` is unusable.
+
+    Unusable means not finite (the factorisation broke down) or so ill-conditioned
+    that nothing of the result is right: ``(max Lᵢᵢ / min Lᵢᵢ)²``, a lower bound
+    on ``cond(U)``, exceeds ``1/eps`` of the working precision.  Under ``jit``
+    the factor is traced; rerun the call outside ``jit`` (or under
+    ``jax.disable_jit()``) to get this message.
+    """
+    concrete = _concrete(chol)
+    if concrete is None:
+        return
+    eps = float(np.finfo(concrete.dtype).eps)
+    pivots = np.abs(np.diagonal(concrete, axis1=-2, axis2=-1)).astype(np.float64)
+    finite = np.all(np.isfinite(concrete))
+    cond_bound = float(np.max(pivots / np.min(pivots, axis=-1, keepdims=True)) ** 2) if finite else np.inf
+    if finite and cond_bound * eps < 1.0:
+        return
+    u = np.asarray(u_core, np.float64)
+    if not np.all(np.isfinite(u)):
+        cond = "infinite (U has non-finite entries: the kernel overflowed)"
+    else:
+        eig = np.linalg.eigvalsh(u)
+        cond = f"about {eig[..., -1].max() / max(eig[..., 0].min(), 1.0):.1e}"
+    what = "could not be Cholesky-factored" if not finite else "is too ill-conditioned to factor"
+    raise FactorizationError(
+        f"U = I + S (K ⊗ I_D) Sᵀ ({u.shape[-1]}×{u.shape[-1]}, {concrete.dtype}) {what}: its "
+        f"condition number is {cond}, beyond what {concrete.dtype} resolves (1/eps = {1 / eps:.1e}). "
+        "Rescale the indices or the kernel variances (for the CubicSpline kernel cond(U) grows "
+        "like max(x)³·variance/noise²), or use float64: jax.config.update('jax_enable_x64', True)."
+    )
 
 
 def _as_float_array(name: str, value: Any) -> jax.Array:
@@ -57,21 +94,71 @@ def check_parameter_dtype(name: str, value: Any) -> None:
         )
 
 
-def check_finite(name: str, value: Any) -> None:
-    concrete = _concrete(value)
-    if concrete is not None and not np.all(np.isfinite(concrete)):
-        bad = int(np.size(concrete) - np.count_nonzero(np.isfinite(concrete)))
-        raise ValueError(f"`{name}` must be finite, got {bad} non-finite value(s)")
+def _describe(values: np.ndarray, ok: np.ndarray) -> str:
+    if values.size <= 6:
+        return f"{values.tolist()}"
+    bad = values[~np.broadcast_to(ok, values.shape)]
+    return f"{bad.size} offending value(s) of {values.size}, e.g. {bad[:3].tolist()}"
 
 
-def check_positive(name: str, value: Any) -> None:
-    concrete = _concrete(value)
-    if concrete is None:
-        return
-    if not np.all(np.isfinite(concrete)):
-        raise ValueError(f"`{name}` must be finite and > 0, got {concrete}")
-    if not np.all(concrete > 0):
-        raise ValueError(f"`{name}` must be > 0, got {concrete}")
+def _value_rules(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
+    """(name, array, predicate, requirement) for every value constraint of a problem."""
+    finite = lambda a: np.isfinite(a) if isinstance(a, np.ndarray) else jnp.isfinite(a)  # noqa: E731
+    rules = []
+    for name, leaf in _named_leaves("kernel", kernel) + _named_leaves("noise", noise):
+        rules.append((name, leaf, finite, "finite"))
+    for name, value in kernel.positive_parameters().items():
+        rules.append((f"kernel.{name}", value, lambda a: a > 0, "> 0"))
+    for name, value in noise.positive_parameters().items():
+        rules.append((f"noise.{name}", value, lambda a: a > 0, "> 0"))
+    for name, value in (("x", x), ("y", y), ("mean", mean)):
+        if value is not None:
+            rules.append((name, value, finite, "finite"))
+    if kernel.requires_scalar_index():
+        rules.append(
+            ("x", x, lambda a: a >= 0,
+             ">= 0 for the CubicSpline kernel (indices are positions along the curve from its start)")
+        )
+    return rules
+
+
+def check_values(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any) -> None:
+    """Raise ``ValueError`` for every concrete argument that breaks a value rule."""
+    for name, value, predicate, requirement in _value_rules(kernel, x, y, noise, mean):
+        concrete = _concrete(value)
+        if concrete is None:
+            continue  # traced: see value_checks
+        ok = np.asarray(predicate(concrete.astype(np.float64)))
+        if not np.all(ok):
+            raise ValueError(f"`{name}` must be {requirement}, got {_describe(concrete, ok)}")
+
+
+def value_checks(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any = None) -> None:
+    """The value checks as ``checkify.check`` calls, for code running under ``jit``.
+
+    Shapes are always checked eagerly, and values too when they are concrete;
+    under ``jit`` they are tracers, so call this inside the function and
+    transform it with ``checkify`` to get the same messages at run time.  Add
+    ``checkify.nan_checks`` to also catch a failed factorisation of ``U``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jax.experimental import checkify
+        >>> import gpgrad_jax as gg
+        >>> from gpgrad_jax import kernels, noise
+        >>> k, nz = kernels.CubicSpline(1.0), noise.Isotropic(0.1)
+        >>> def loss(x, y):
+        ...     gg.value_checks(k, x, y, nz)
+        ...     return -gg.log_marginal_likelihood(k, x, y, nz)
+        >>> checked = jax.jit(checkify.checkify(loss, errors=checkify.user_checks | checkify.nan_checks))
+        >>> error, _ = checked(jnp.array([-1.0, 0.5]), jnp.zeros(2))
+        >>> print(error.get().splitlines()[0])
+        `x` must be >= 0 for the CubicSpline kernel (indices are positions along the curve from its start)
+    """
+    from jax.experimental import checkify
+
+    for name, value, predicate, requirement in _value_rules(kernel, x, y, noise, mean):
+        checkify.check(jnp.all(predicate(jnp.asarray(value))), f"`{name}` must be {requirement}")
 
 
 def check_problem(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
@@ -119,21 +206,7 @@ def check_problem(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
     noise.check_shapes(n, dim)
     for leaf_name, leaf in _named_leaves("kernel", kernel) + _named_leaves("noise", noise):
         check_parameter_dtype(leaf_name, leaf)
-        check_finite(leaf_name, leaf)
-    for name, value in kernel.positive_parameters().items():
-        check_positive(f"kernel.{name}", value)
-    for name, value in noise.positive_parameters().items():
-        check_positive(f"noise.{name}", value)
-    check_finite("x", x)
-    check_finite("y", y)
-    check_finite("mean", mean)
-    if kernel.requires_scalar_index():
-        concrete = _concrete(x)
-        if concrete is not None and np.any(concrete < 0):
-            raise ValueError(
-                "`x` must be >= 0 for the CubicSpline kernel (indices are positions "
-                f"along the curve from its start), got min(x) = {concrete.min()}"
-            )
+    check_values(kernel, x, y, noise, mean)
     return x, y.reshape(n, dim), mean.reshape(n, dim)
 
 

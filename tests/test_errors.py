@@ -1,0 +1,205 @@
+"""Bad input gets a clear error; hard but valid numerics give finite, correct results."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental import checkify
+
+import gpgrad_jax as gg
+from gpgrad_jax import kernels, noise
+from problems import assert_trees_close
+
+N = 5
+CURVE = kernels.CubicSpline(1.0) + kernels.Linear(0.5) + kernels.Constant(1.0)
+X = jnp.linspace(0.1, 2.0, N)
+Y3 = jnp.stack([jnp.sin(X), jnp.cos(X), X], axis=1)
+BLOCKS = jnp.broadcast_to(jnp.eye(3) / 0.2, (N, 3, 3))
+
+# (description, kwargs overriding the good call, exception, substrings of the message)
+BAD_INPUTS = [
+    ("x length differs from y", dict(x=X[:4]), ValueError, ["`y`", "(4,)", "(5, 3)"]),
+    ("y of rank 3", dict(y=Y3[:, :, None]), ValueError, ["`y`", "(5, 3, 1)"]),
+    ("x of rank 3", dict(x=X[:, None, None]), ValueError, ["`x`", "(n,) or (n, d)"]),
+    ("empty x", dict(x=X[:0], y=Y3[:0]), ValueError, ["`x`", "n >= 1"]),
+    ("mean shape", dict(mean=jnp.zeros((N, 2))), ValueError, ["`mean`", "(5, 3)", "(5, 2)"]),
+    ("PerPoint blocks", dict(noise=noise.PerPoint(BLOCKS[:, :2, :2])), ValueError, ["blocks", "(5, 3, 3)", "(5, 2, 2)"]),
+    ("PerPoint (n,) blocks for 3-D data", dict(noise=noise.PerPoint(jnp.ones(N))), ValueError, ["blocks", "(5, 3, 3)", "(5,)"]),
+    ("Dense width", dict(noise=noise.Dense(jnp.ones((4, 14)))), ValueError, ["matrix", "(m, 15)", "(4, 14)"]),
+    ("Isotropic sigma vector", dict(noise=noise.Isotropic(jnp.ones(3))), ValueError, ["sigma", "scalar"]),
+    ("d-dim x with cubic spline", dict(x=jnp.ones((N, 2))), ValueError, ["CubicSpline", "(n,)", "(5, 2)"]),
+    ("integer x", dict(x=jnp.arange(N)), TypeError, ["`x`", "floating", "int"]),
+    ("complex y", dict(y=Y3 + 0j), TypeError, ["`y`", "floating", "complex"]),
+    ("integer mean", dict(mean=np.zeros((N, 3), np.int32)), TypeError, ["`mean`", "int32"]),
+    ("complex noise", dict(noise=noise.Isotropic(1.0 + 1j)), TypeError, ["noise.sigma", "real"]),
+    ("integer-array kernel parameter", dict(kernel=kernels.ExpSquared(jnp.array(1), 1.0)), TypeError, ["kernel.variance", "dtype int"]),
+    ("not a kernel", dict(kernel=lambda a, b: a * b), TypeError, ["`kernel`", "Kernel"]),
+    ("not a noise", dict(noise=0.1), TypeError, ["`noise`", "Isotropic"]),
+    ("negative index", dict(x=X - 1.0), ValueError, ["`x`", ">= 0", "CubicSpline"]),
+    ("NaN index", dict(x=X.at[2].set(jnp.nan)), ValueError, ["`x`", "finite"]),
+    ("inf data", dict(y=Y3.at[1, 1].set(jnp.inf)), ValueError, ["`y`", "finite"]),
+    ("NaN mean", dict(mean=jnp.full((N, 3), jnp.nan)), ValueError, ["`mean`", "finite"]),
+    ("NaN noise block", dict(noise=noise.PerPoint(BLOCKS.at[0, 0, 0].set(jnp.nan))), ValueError, ["noise.blocks", "finite"]),
+    ("zero variance", dict(kernel=kernels.CubicSpline(0.0)), ValueError, ["kernel.variance", "> 0"]),
+    ("negative nested variance", dict(kernel=CURVE + kernels.Linear(-1.0)), ValueError, ["kernel.k2.variance", "> 0"]),
+    ("zero lengthscale", dict(kernel=kernels.Matern32(1.0, 0.0)), ValueError, ["kernel.lengthscale", "> 0"]),
+    ("negative sigma", dict(noise=noise.Isotropic(-0.1)), ValueError, ["noise.sigma", "> 0"]),
+    ("inf variance", dict(kernel=kernels.ExpSquared(jnp.inf, 1.0)), ValueError, ["kernel.variance", "finite"]),
+]
+
+
+def _call(fn, kernel=CURVE, x=X, y=Y3, noise=noise.PerPoint(BLOCKS), mean=None):
+    return fn(kernel, x, y, noise, mean)
+
+
+@pytest.mark.parametrize("fn_name", ["log_marginal_likelihood", "index_gradient", "reference", "jit", "grad"])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_a_clear_error(case, fn_name):
+    _, overrides, exception, fragments = case
+    fn = {
+        "log_marginal_likelihood": gg.log_marginal_likelihood,
+        "index_gradient": gg.index_gradient,
+        "reference": gg.reference.log_marginal_likelihood,
+        "jit": jax.jit(gg.log_marginal_likelihood),  # shape, dtype and constant checks happen at trace time
+        "grad": jax.grad(gg.log_marginal_likelihood, argnums=0),
+    }[fn_name]
+    if fn_name in ("jit", "grad") and any(w in case[0] for w in ("NaN", "inf", "negative", "zero")):
+        pytest.skip("value checks of traced arguments are the job of value_checks (tested below)")
+    if fn_name in ("jit", "grad") and case[0].startswith("not a"):
+        pytest.skip("jax.jit / jax.grad reject a non-array argument themselves, before our code runs")
+    if fn_name == "grad" and case[0] == "integer-array kernel parameter":
+        pytest.skip("jax.grad itself rejects integer arguments it differentiates, with its own message")
+    with pytest.raises(exception) as info:
+        _call(fn, **overrides)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_value_checks_under_jit_with_checkify():
+    def loss(x, y, sigma):
+        nz = noise.Isotropic(sigma)
+        gg.value_checks(CURVE, x, y, nz)
+        return gg.log_marginal_likelihood(CURVE, x, y, nz)
+
+    checked = jax.jit(checkify.checkify(loss, errors=checkify.user_checks))
+    error, value = checked(X, Y3, 0.3)
+    error.throw()  # nothing wrong
+    assert np.isfinite(value)
+    for args, fragment in [
+        ((X - 1.0, Y3, 0.3), "`x` must be >= 0"),
+        ((X, Y3.at[0, 0].set(jnp.nan), 0.3), "`y` must be finite"),
+        ((X, Y3, -0.3), "`noise.sigma` must be > 0"),
+    ]:
+        error, _ = checked(*args)
+        with pytest.raises(checkify.JaxRuntimeError, match=fragment):
+            error.throw()
+
+
+def test_failed_factorisation_names_the_cause_and_the_remedy():
+    x = jnp.linspace(0.0, 3000.0, 40, dtype=jnp.float32)
+    y = jnp.sin(x)
+    for fn in (gg.log_marginal_likelihood, gg.index_gradient, jax.grad(gg.log_marginal_likelihood, argnums=1)):
+        with pytest.raises(gg.FactorizationError, match=r"(?s)float32.*condition number.*Rescale.*float64"):
+            fn(kernels.CubicSpline(1.0), x, y, noise.Isotropic(jnp.float32(0.01)))
+
+
+# --------------------------------------------------------- hard but valid
+
+
+def _agree_with_reference(kernel, x, y, nz, rtol):
+    value, grads = jax.value_and_grad(gg.log_marginal_likelihood, argnums=(0, 1, 2, 3))(kernel, x, y, nz)
+    ref = jax.value_and_grad(gg.reference.log_marginal_likelihood, argnums=(0, 1, 2, 3))(kernel, x, y, nz)
+    assert_trees_close((value, grads), ref, rtol, "vs reference")
+
+
+HARD_CASES = {
+    "duplicated indices": (CURVE, X.at[3].set(X[1]), None),
+    "all-equal indices": (CURVE, jnp.full(N, 0.7), None),
+    "index at zero": (CURVE, X.at[0].set(0.0), None),
+    "singular K (linear + constant)": (kernels.Linear(1.0) + kernels.Constant(1.0), X, None),
+    "tiny lengthscale": (kernels.Matern52(1.0, 1e-6), X, None),
+    "huge lengthscale": (kernels.ExpSquared(1.0, 1e6), X, None),
+    "tiny Matern32 lengthscale": (kernels.Matern32(1.0, 1e-4), X, None),
+    "rank-zero noise blocks": (CURVE, X, noise.PerPoint(BLOCKS.at[1:3].set(0.0))),
+    "all noise blocks zero": (CURVE, X, noise.PerPoint(jnp.zeros_like(BLOCKS))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HARD_CASES))
+def test_hard_but_valid_inputs_are_finite_and_match_the_reference(case, rtol):
+    kernel, x, nz = HARD_CASES[case]
+    _agree_with_reference(kernel, x, Y3, nz or noise.PerPoint(BLOCKS), rtol)
+
+
+@pytest.mark.parametrize("nz", [noise.Isotropic(0.3), noise.PerPoint(jnp.ones((1, 3, 3))), noise.Dense(jnp.ones((2, 3)))])
+def test_a_single_point(nz, rtol):
+    _agree_with_reference(CURVE, jnp.array([0.4]), Y3[:1], nz, rtol)
+
+
+# ------------------------------------------------------------------- fuzz
+
+DOCUMENTED_ERRORS = (TypeError, ValueError, gg.FactorizationError)
+
+
+@st.composite
+def arbitrary_calls(draw):
+    n = draw(st.sampled_from([1, 3]))
+    dim = draw(st.sampled_from([None, 1, 3]))
+    x_dims = draw(st.sampled_from([(n,), (n, 2), (n + 1,), (n, 1, 1)]))
+    y_shape = (n,) if dim is None else (n, dim)
+    if draw(st.booleans()):
+        y_shape = draw(st.sampled_from([(n + 1,), (n, 2, 1), ()]))
+    dtype = draw(st.sampled_from(["float32", "float64", "int32", "complex64", "bool"]))
+    values = st.sampled_from([0.0, 1.0, -1.0, 0.5, 1e-30, 1e30, np.nan, np.inf, 3.0])
+
+    def array(shape, dtype=dtype):
+        flat = [draw(values) for _ in range(int(np.prod(shape, dtype=int)))]
+        with np.errstate(all="ignore"):
+            return np.asarray(flat, np.float64).reshape(shape).astype(dtype)
+
+    kernel = draw(
+        st.sampled_from(
+            [
+                kernels.CubicSpline(draw(values)),
+                kernels.ExpSquared(draw(values), draw(values)) + kernels.Linear(draw(values)),
+                kernels.Matern32(1.0, draw(values)) * kernels.Constant(draw(values)),
+            ]
+        )
+    )
+    d = 1 if dim is None else dim
+    nz = draw(
+        st.sampled_from(
+            [
+                noise.Isotropic(draw(values)),
+                noise.PerPoint(array((n, d, d), "float64")),
+                noise.PerPoint(array((n,), "float64")),
+                noise.Dense(array((n * d, n * d), "float64")),
+                noise.Dense(array((2, n * d + 1), "float64")),
+            ]
+        )
+    )
+    mean = None if draw(st.booleans()) else array(y_shape)
+    return kernel, array(x_dims), array(y_shape), nz, mean
+
+
+@settings(max_examples=150)
+@given(call=arbitrary_calls(), fn=st.sampled_from(["value", "grad", "index_gradient"]))
+def test_fuzz_public_functions_return_finite_or_raise_documented_errors(call, fn):
+    kernel, x, y, nz, mean = call
+    target = {
+        "value": gg.log_marginal_likelihood,
+        "grad": jax.grad(gg.log_marginal_likelihood, argnums=(0, 1, 3)),
+        "index_gradient": gg.index_gradient,
+    }[fn]
+    try:
+        out = target(kernel, x, y, nz, mean)
+    except DOCUMENTED_ERRORS as err:
+        assert str(err), "errors must carry a message"
+        return
+    for leaf in jax.tree_util.tree_leaves(out):
+        assert np.all(np.isfinite(np.asarray(leaf))), f"non-finite result {out} without an error"
