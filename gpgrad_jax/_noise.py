@@ -51,6 +51,21 @@ class Noise(abc.ABC):
         """Adjoint of :meth:`core` in ``K``: ``V ↦ blocktrace(Sᵀ (V ⊗ I_q) S)``, ``(n, n)``."""
 
     @abc.abstractmethod
+    def core_adjoint_diagonal(self, d: Array, dim: int) -> Array:
+        """:meth:`core_adjoint` of the diagonal matrix ``diag(d)`` (``d`` of length ``p``), ``(n, n)``."""
+
+    def core_adjoint_from_lower(self, lower: Array, dim: int) -> Array:
+        """:meth:`core_adjoint` of the symmetric ``V = T + Tᵀ − diag(T)`` given only ``T = tril(V)``.
+
+        The adjoint commutes with transposition, so ``core_adjoint(V) = X + Xᵀ − Y`` with
+        ``X = core_adjoint(T)`` and ``Y`` from the diagonal: the transpose is taken of an
+        ``n × n`` matrix instead of a ``p × p`` one.
+        """
+        half = self.core_adjoint(lower, dim)
+        diagonal = jnp.diagonal(lower)
+        return half + half.T - self.core_adjoint_diagonal(diagonal, dim)
+
+    @abc.abstractmethod
     def dense_matrix(self, n: int, dim: int) -> Array:
         """The explicit ``(m, nD)`` matrix ``S`` (for reference code and tests only)."""
 
@@ -94,6 +109,9 @@ class Isotropic(Noise):
 
     def core_adjoint(self, v, dim):
         return v / self.sigma**2
+
+    def core_adjoint_diagonal(self, d, dim):
+        return jnp.diag(d) / self.sigma**2
 
     def dense_matrix(self, n, dim):
         return jnp.eye(n * dim) / self.sigma
@@ -142,17 +160,26 @@ class PerPoint(Noise):
         blocks = self._blocks3(dim)
         return jnp.einsum("iab,ia->ib", blocks, v.reshape(blocks.shape[0], dim))
 
+    def _block_products(self, dim):
+        # G[i, a, j, c] = (B_i B_jᵀ)_ac as a broadcast product; reduced inside the fusions
+        # below, so neither G nor a transposed copy of an (nD)×(nD) matrix is materialised.
+        blocks = self._blocks3(dim)
+        return blocks[:, :, None, None, :] * blocks[None, None, :, :, :]
+
     def core(self, kernel_matrix, dim):
         n = kernel_matrix.shape[0]
-        blocks = self._blocks3(dim)
         # (S (K ⊗ I) Sᵀ)[(i,a),(j,c)] = K_ij (B_i B_jᵀ)_ac
-        core = jnp.einsum("iab,ij,jcb->iajc", blocks, kernel_matrix, blocks)
+        core = kernel_matrix[:, None, :, None] * jnp.sum(self._block_products(dim), axis=-1)
         return core.reshape(n * dim, n * dim)
 
     def core_adjoint(self, v, dim):
+        n = v.shape[0] // dim
+        v4 = v.reshape(n, dim, n, dim)
+        return jnp.sum(v4[..., None] * self._block_products(dim), axis=(1, 3, 4))
+
+    def core_adjoint_diagonal(self, d, dim):
         blocks = self._blocks3(dim)
-        n = blocks.shape[0]
-        return jnp.einsum("iab,iajc,jcb->ij", blocks, v.reshape(n, dim, n, dim), blocks)
+        return jnp.diag(jnp.einsum("iab,ia->i", blocks**2, d.reshape(-1, dim)))
 
     def dense_matrix(self, n, dim):
         blocks = self._blocks3(dim)
@@ -202,6 +229,10 @@ class Dense(Noise):
     def core_adjoint(self, v, dim):
         s3 = self._split(dim)
         return jnp.einsum("lia,lp,pja->ij", s3, v, s3)
+
+    def core_adjoint_diagonal(self, d, dim):
+        s3 = self._split(dim)
+        return jnp.einsum("lia,l,lja->ij", s3, d, s3)
 
     def dense_matrix(self, n, dim):
         return self.matrix
