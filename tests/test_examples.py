@@ -44,3 +44,36 @@ def test_camera_rays_learns_kernel_jointly(tmp_path):
     lines = _run("camera_rays.py", "--learn-kernel", "--no-plots", tmp_path=tmp_path)
     before, after = (float(v) for v in lines[-1].removeprefix("index error: ").split(" -> "))
     assert after * 5 <= before, lines[-1]
+
+
+def test_gplvm_improves_the_layout(tmp_path):
+    lines = _run("gplvm.py", tmp_path=tmp_path)
+    before, after = (float(v) for v in lines[-1].removeprefix("layout error (Procrustes): ").split(" -> "))
+    assert after < before, lines[-1]
+    assert (tmp_path / "gplvm.png").stat().st_size > 10_000
+
+
+def test_many_curves_in_one_vmapped_step(tmp_path):
+    lines = _run("many_curves.py", tmp_path=tmp_path)
+    before, after = (float(v) for v in lines[-1].removeprefix("index error: ").split(" -> "))
+    assert after * 3 <= before, lines[-1]
+    assert (tmp_path / "many_curves.png").stat().st_size > 5_000
+
+
+def test_benchmark_quick_mode_writes_json_and_plot(tmp_path):
+    import json
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-peers", "--out", str(tmp_path), "--label", "smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert {e["case"] for e in report["results"]} == {"curve_1d", "curve_3d", "se_1d"}
+    for entry in report["results"]:
+        agreement = entry["gradient_max_relative_difference"]
+        worst = max(agreement.values()) if isinstance(agreement, dict) else agreement
+        assert worst < 1e-6
+    assert (tmp_path / "smoke.png").stat().st_size > 10_000

@@ -137,11 +137,14 @@ def test_square_invertible_noise_equals_gaussian_log_density(seed, dim, x64):
     n = x.shape[0]
     s = nz.dense_matrix(n, dim)
     cov = jnp.kron(kernel.matrix(x, x), jnp.eye(dim)) + jnp.linalg.inv(s.T @ s)
-    expected = jax.scipy.stats.multivariate_normal.logpdf(
-        (y - mean).reshape(-1), jnp.zeros(n * dim), cov
-    ) - jnp.linalg.slogdet(s)[1]
-    value = gg.log_marginal_likelihood(kernel, x, y, nz, mean)
+    expected = jax.scipy.stats.multivariate_normal.logpdf((y - mean).reshape(-1), jnp.zeros(n * dim), cov)
+    value = gg.log_marginal_likelihood(kernel, x, y, nz, mean) + nz.log_abs_det(n, dim)
     np.testing.assert_allclose(value, expected, rtol=1e-9 if x64 else 1e-3)
+    np.testing.assert_allclose(nz.log_abs_det(n, dim), jnp.linalg.slogdet(s)[1], rtol=1e-9 if x64 else 1e-4)
+    iso = noise.Isotropic(jnp.asarray(0.7, x.dtype))
+    np.testing.assert_allclose(
+        iso.log_abs_det(n, dim), jnp.linalg.slogdet(iso.dense_matrix(n, dim))[1], rtol=1e-9 if x64 else 1e-4
+    )
 
 
 @pytest.mark.parametrize("kernel_name", ["exp_squared", "matern32"])
