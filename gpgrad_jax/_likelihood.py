@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
 from gpgrad_jax._kernels import Kernel
-from gpgrad_jax._linalg import cho_inverse_lower, symmetrize_lower
+from gpgrad_jax._linalg import cho_inverse, cho_inverse_lower, symmetrize_lower
 from gpgrad_jax._noise import Noise
 from gpgrad_jax._validation import check_factorization, check_problem
 
@@ -59,16 +59,23 @@ def _factor(kernel: Kernel, noise: Noise, x: Array, r: Array):
 def _index_terms(kernel: Kernel, noise: Noise, x: Array, chol: Array, alpha: Array, dim: int):
     """The seed's gradient in ``x``, and the pieces the other cotangents reuse.
 
-    Returns ``(grad_x, u_inv_lower, z, m_trace)``; O(n²·d) after ``U⁻¹`` is formed.
+    Returns ``(grad_x, u_inv, z, m_trace)`` — ``u_inv`` is ``U⁻¹``'s core, complete or its
+    lower triangle (see the branch below); O(n²·d) after ``U⁻¹`` is formed.
     """
     q = alpha.shape[1]
-    u_inv_lower = cho_inverse_lower(chol)  # one triangle suffices for the index gradient
+    n = x.shape[0]
     z = noise.unwhiten(alpha, dim)  # Sᵀ U⁻¹ S r, shape (n, D)
-    m_trace = noise.core_adjoint_from_lower(q * u_inv_lower, dim)  # blocktrace(Sᵀ U⁻¹ S), (n, n)
+    if chol.shape[0] > n:
+        # U is larger than K: form one triangle of U⁻¹ and complete the (n × n) block trace.
+        u_inv = cho_inverse_lower(chol)
+        m_trace = noise.core_adjoint_from_lower(q * u_inv, dim)  # blocktrace(Sᵀ U⁻¹ S), (n, n)
+    else:
+        u_inv = cho_inverse(chol)
+        m_trace = noise.core_adjoint(q * u_inv, dim)
     delta = kernel.grad_first_matrix(x, x)  # (n, n) or (n, n, d)
     data_term = jnp.einsum("ia,ij...,ja->i...", z, delta, z)
     normalisation_term = jnp.einsum("ij,ij...->i...", m_trace, delta)
-    return data_term - normalisation_term, u_inv_lower, z, m_trace
+    return data_term - normalisation_term, u_inv, z, m_trace
 
 
 # --------------------------------------------------------- custom_vjp core
@@ -88,14 +95,16 @@ def _lml_bwd(residuals, g):
     kernel, noise, x, r, chol, alpha = residuals
     dim = r.shape[1]
     q = alpha.shape[1]
-    grad_x, u_inv_lower, z, m_trace = _index_terms(kernel, noise, x, chol, alpha, dim)
+    grad_x, u_inv, z, m_trace = _index_terms(kernel, noise, x, chol, alpha, dim)
+    if u_inv.shape[0] > x.shape[0]:
+        u_inv = symmetrize_lower(u_inv)  # only if noise cotangents are used (else XLA drops it)
 
     # Kernel parameters: contract K̄ = ½(ZZᵀ − M̃) with ∂K/∂θ (x held fixed).
     kernel_matrix, kernel_vjp = jax.vjp(lambda k: k.matrix(x, x), kernel)
     (kernel_bar,) = kernel_vjp(0.5 * g * (z @ z.T - m_trace))
 
     # Noise parameters: through w = S r (w̄ = −α) and U_c = I + core(K) (Ū).
-    u_bar = 0.5 * g * (alpha @ alpha.T - q * symmetrize_lower(u_inv_lower))
+    u_bar = 0.5 * g * (alpha @ alpha.T - q * u_inv)
     _, noise_vjp = jax.vjp(lambda s: (s.whiten(r), s.core(kernel_matrix, dim)), noise)
     (noise_bar,) = noise_vjp((-g * alpha, u_bar))
 

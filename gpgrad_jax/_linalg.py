@@ -9,8 +9,10 @@ that every product skips the zero triangle — ``2m³/3`` flops, like ``potri`` 
 and are made of ``matmul`` only: pure JAX, fast on CPU and GPU alike, no host
 round trip, differentiable (reverse-over-reverse through the likelihood works).
 
-Only the lower triangle of ``U⁻¹`` is formed: the likelihood's VJP needs no
-more, and a full transposed pass over an ``m × m`` matrix is saved.
+:func:`cho_inverse` gives the full ``U⁻¹``; :func:`cho_inverse_lower` only its
+lower triangle, which is all the likelihood's VJP needs when ``U`` is larger
+than ``n × n`` (then the block trace is completed by an ``n × n`` transpose
+instead of an ``m × m`` one).
 """
 
 from __future__ import annotations
@@ -36,7 +38,18 @@ def cho_inverse_lower(chol):
     """
     if chol.ndim > 2:
         return jax.vmap(cho_inverse_lower)(chol)
-    return _gram_of_lower(_triangular_inverse(chol))
+    return _gram_of_lower(_triangular_inverse(chol), full=False)
+
+
+def cho_inverse(chol):
+    """The full symmetric ``U⁻¹`` from ``U``'s lower Cholesky factor.
+
+    The upper triangle is filled block by block during the recursion, transposing
+    half as many entries as completing :func:`cho_inverse_lower` afterwards would.
+    """
+    if chol.ndim > 2:
+        return jax.vmap(cho_inverse)(chol)
+    return _gram_of_lower(_triangular_inverse(chol), full=True)
 
 
 def symmetrize_lower(lower):
@@ -94,13 +107,16 @@ def _triangular_inverse(chol):
     return jnp.block([[a_inv, jnp.zeros((h, n - h), chol.dtype)], [below, c_inv]])
 
 
-def _gram_of_lower(t):
-    """The lower triangle of ``TᵀT`` for lower-triangular ``T``; zero blocks are never multiplied."""
+def _gram_of_lower(t, full):
+    """``TᵀT`` for lower-triangular ``T`` (its lower triangle only unless ``full``); zero blocks
+    are never multiplied."""
     n = t.shape[-1]
     if n <= _LEAF:
-        return jnp.tril(t.T @ t)
+        gram = t.T @ t
+        return gram if full else jnp.tril(gram)
     h = n // 2
     p, q, r = t[:h, :h], t[h:, :h], t[h:, h:]
-    top_left = _gram_of_lower(p) + jnp.tril(q.T @ q)
+    top_left = _gram_of_lower(p, full) + (q.T @ q if full else jnp.tril(q.T @ q))
     bottom_left = _lower_transposed_times(r, q)
-    return jnp.block([[top_left, jnp.zeros((h, n - h), t.dtype)], [bottom_left, _gram_of_lower(r)]])
+    top_right = bottom_left.T if full else jnp.zeros((h, n - h), t.dtype)
+    return jnp.block([[top_left, top_right], [bottom_left, _gram_of_lower(r, full)]])

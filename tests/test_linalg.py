@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpgrad_jax._linalg import cho_inverse_lower, symmetrize_lower
+from gpgrad_jax._linalg import cho_inverse, cho_inverse_lower, symmetrize_lower
 
 
 @pytest.mark.parametrize("m", [1, 7, 256, 300, 777])
@@ -19,6 +19,9 @@ def test_inverse_from_factor_matches_dense_inverse(m, x64):
     tol = 1e-11 if x64 else 1e-4
     np.testing.assert_allclose(lower, np.tril(expected), atol=tol * np.abs(expected).max())
     np.testing.assert_allclose(symmetrize_lower(lower), expected, atol=tol * np.abs(expected).max())
+    full = cho_inverse(chol)
+    np.testing.assert_allclose(full, expected, atol=tol * np.abs(expected).max())
+    np.testing.assert_array_equal(full, full.T)
 
 
 def test_inverse_is_differentiable_and_batches(x64):
