@@ -7,7 +7,7 @@
 from gpgrad_jax import kernels, noise, reference
 from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood
 from gpgrad_jax._predict import predict
-from gpgrad_jax._validation import FactorizationError, value_checks
+from gpgrad_jax._validation import FactorizationError, NumericalError, value_checks
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "kernels",
     "log_marginal_likelihood",
     "noise",
+    "NumericalError",
     "predict",
     "reference",
     "value_checks",

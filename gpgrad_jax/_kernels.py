@@ -216,6 +216,22 @@ def _scaled_sq_distance(a, b, lengthscale):
     return jnp.sum(diff * diff)
 
 
+def _times_scaled_offset(weight, a, b, lengthscale):
+    """``weight · (a − b)/ℓ²``, and exactly 0 where ``weight`` is 0.
+
+    With a tiny lengthscale ``(a − b)/ℓ²`` can overflow while the kernel (hence
+    ``weight``) underflows to 0; their product must be 0, not ``0 · inf = NaN``.
+    """
+    offset = (a - b) / lengthscale / lengthscale
+    return jnp.where(weight == 0, 0.0, weight * jnp.where(weight == 0, 0.0, offset))
+
+
+def _far_apart(r):
+    """``(r == inf, r with inf replaced by 0)``: the kernel is 0 there, not ``inf · 0 = NaN``."""
+    far = jnp.isinf(r)
+    return far, jnp.where(far, 0.0, r)
+
+
 def _safe_sqrt(r2):
     # sqrt has an infinite derivative at 0; route the r2 == 0 branch through a
     # constant so that autodiff *through evaluate* stays finite as well.
@@ -238,7 +254,7 @@ class ExpSquared(Kernel):
         return self.variance * jnp.exp(-0.5 * _scaled_sq_distance(a, b, self.lengthscale))
 
     def grad_first(self, a, b):
-        return -self.evaluate(a, b) * (a - b) / self.lengthscale**2
+        return _times_scaled_offset(-self.evaluate(a, b), a, b, self.lengthscale)
 
 
 @_pytree_dataclass
@@ -253,11 +269,12 @@ class Matern32(Kernel):
 
     def evaluate(self, a, b):
         r = _safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale))
-        return self.variance * (1.0 + _SQRT3 * r) * jnp.exp(-_SQRT3 * r)
+        far, r = _far_apart(r)
+        return jnp.where(far, 0.0, self.variance * (1.0 + _SQRT3 * r) * jnp.exp(-_SQRT3 * r))
 
     def grad_first(self, a, b):
         r = _safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale))
-        return -3.0 * self.variance * jnp.exp(-_SQRT3 * r) * (a - b) / self.lengthscale**2
+        return _times_scaled_offset(-3.0 * self.variance * jnp.exp(-_SQRT3 * r), a, b, self.lengthscale)
 
 
 @_pytree_dataclass
@@ -271,11 +288,12 @@ class Matern52(Kernel):
     lengthscale: Array = 1.0
 
     def evaluate(self, a, b):
-        r2 = _scaled_sq_distance(a, b, self.lengthscale)
-        r = _safe_sqrt(r2)
-        return self.variance * (1.0 + _SQRT5 * r + 5.0 * r2 / 3.0) * jnp.exp(-_SQRT5 * r)
+        r = _safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale))
+        far, r = _far_apart(r)
+        polynomial = 1.0 + _SQRT5 * r + 5.0 * r**2 / 3.0
+        return jnp.where(far, 0.0, self.variance * polynomial * jnp.exp(-_SQRT5 * r))
 
     def grad_first(self, a, b):
-        r = _safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale))
-        scale = -(5.0 / 3.0) * self.variance * (1.0 + _SQRT5 * r) * jnp.exp(-_SQRT5 * r)
-        return scale * (a - b) / self.lengthscale**2
+        far, r = _far_apart(_safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale)))
+        scale = jnp.where(far, 0.0, -(5.0 / 3.0) * self.variance * (1.0 + _SQRT5 * r) * jnp.exp(-_SQRT5 * r))
+        return _times_scaled_offset(scale, a, b, self.lengthscale)

@@ -30,7 +30,7 @@ from jax.scipy.linalg import cho_solve
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._linalg import cho_inverse, cho_inverse_lower, symmetrize_lower
 from gpgrad_jax._noise import Noise
-from gpgrad_jax._validation import check_factorization, check_problem
+from gpgrad_jax._validation import check_factorization, check_finite_result, check_problem
 
 Array = Any
 
@@ -48,11 +48,13 @@ def _factor(kernel: Kernel, noise: Noise, x: Array, r: Array):
     check_factorization(chol, u_core)
     w = noise.whiten(r)
     alpha = cho_solve((chol, True), w)
+    quadratic = jnp.sum(w * alpha)
     value = (
-        -0.5 * jnp.sum(w * alpha)
+        -0.5 * quadratic
         - q * jnp.sum(jnp.log(jnp.diagonal(chol)))
         - 0.5 * p * q * math.log(2.0 * math.pi)
     )
+    check_finite_result(value, quadratic)
     return value, chol, alpha
 
 

@@ -21,8 +21,24 @@ from gpgrad_jax._noise import Noise
 Array = Any
 
 
-class FactorizationError(FloatingPointError):
+class NumericalError(FloatingPointError):
+    """A valid problem whose result the working precision cannot represent (e.g. overflow)."""
+
+
+class FactorizationError(NumericalError):
     """``U = I + S (K ⊗ I_D) Sᵀ`` could not be Cholesky-factored in the working precision."""
+
+
+def check_finite_result(value: Any, quadratic: Any) -> None:
+    """Raise :class:`NumericalError` if a *concrete* likelihood value overflowed."""
+    concrete = _concrete(value)
+    if concrete is None or np.all(np.isfinite(concrete)):
+        return
+    raise NumericalError(
+        f"the log marginal likelihood overflowed {concrete.dtype} (wᵀU⁻¹w = "
+        f"{float(np.asarray(quadratic, np.float64)):.3e}, w = S(y − μ)): rescale `y` and `mean` "
+        "or the noise, or use float64: jax.config.update('jax_enable_x64', True)."
+    )
 
 
 def check_factorization(chol: Any, u_core: Any) -> None:
