@@ -187,9 +187,6 @@ class PerPoint(Noise):
 
     def core_adjoint(self, v, dim):
         n = v.shape[0] // dim
-        if dim == 1:  # scalar blocks: s_i V_ij s_j, one elementwise pass
-            scale = self._blocks3(1)[:, 0, 0]
-            return scale[:, None] * v * scale[None, :]
         v4 = v.reshape(n, dim, n, dim)
         # The barrier keeps XLA from merging this product with the identical one in `core`
         # (forward pass): shared, it would be materialised — 3× the memory of U for D = 3.

@@ -6,10 +6,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve, solve_triangular
+from jax.scipy.linalg import solve_triangular
 
 from gpgrad_jax._kernels import Kernel
-from gpgrad_jax._likelihood import _prepare
+from gpgrad_jax._likelihood import _factor, _prepare
 from gpgrad_jax._noise import Noise
 from gpgrad_jax._validation import _as_float_array
 
@@ -73,9 +73,8 @@ def predict(
         mean_new = mean_new.reshape(n_new, dim).astype(x.dtype)
 
     p, q = noise.core_shape(n, dim)
-    u_core = noise.core(kernel.matrix(x, x), dim) + jnp.eye(p, dtype=x.dtype)
-    chol = jnp.linalg.cholesky(u_core)
-    z = noise.unwhiten(cho_solve((chol, True), noise.whiten(r)), dim)
+    _, chol, alpha = _factor(kernel, noise, x, r)
+    z = noise.unwhiten(alpha, dim)
     cross = kernel.matrix(x_new, x)  # (n_new, n)
     posterior_mean = mean_new + cross @ z
 
