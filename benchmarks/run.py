@@ -16,8 +16,9 @@ Series, all timed in this one process so their ratios are comparable:
   its log probability in the inputs) and ``GPy`` (its hand-derived ``gradients_X`` after
   inference, NumPy/LAPACK), where installed.
 
-Every series is compiled first (compile time reported separately), warmed up, then run
-``--repeats`` times with ``block_until_ready``; medians, min and max are reported, with XLA's
+Every series is compiled first (compile time reported separately), warmed up, then the
+series of one row are run ``--repeats`` times *interleaved* (round-robin, so that drift in the
+machine's speed hits them alike) with ``block_until_ready``; medians, min and max are reported, with XLA's
 temporary memory (``compiled.memory_analysis().temp_size_in_bytes``) and the gradient's
 agreement with autodiff.  The curve kernel uses indices of order 1–10 (``cond(U)`` grows like
 ``x³``).
@@ -44,7 +45,7 @@ THREAD_ENV = {
 def _parse():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--label", default="cpu", help="file name stem and device label")
     parser.add_argument("--all-threads", action="store_true", help="do not pin CPU threads to one")
@@ -98,56 +99,87 @@ def se_problem(n, seed=0):
     return kernels.ExpSquared(1.0, 0.7), jnp.asarray(x), jnp.asarray(y), noise.Isotropic(0.3)
 
 
-def _time(fn, repeats):
-    fn()  # warm up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
+def _summary(samples):
     return {
         "median_s": float(np.median(samples)),
         "min_s": float(np.min(samples)),
         "max_s": float(np.max(samples)),
-        "repeats": repeats,
+        "repeats": len(samples),
     }
 
 
-def _jax_series(fn, args, repeats):
+def _compile(fn, args):
+    """Compile ``fn`` for ``args``: (a zero-argument runner, compile seconds, temp bytes, output)."""
     jitted = jax.jit(fn)
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    result = _time(lambda: jax.block_until_ready(compiled(*args)), repeats)
-    result["compile_s"] = compile_s
     memory = compiled.memory_analysis()
-    result["temp_bytes"] = int(memory.temp_size_in_bytes) if memory is not None else None
-    return result, compiled(*args)
+    temp = int(memory.temp_size_in_bytes) if memory is not None else None
+    output = jax.block_until_ready(compiled(*args))  # also the warm-up
+    return (lambda: jax.block_until_ready(compiled(*args))), compile_s, temp, output
+
+
+def _measure(runners, repeats):
+    """Time every runner ``repeats`` times, interleaved round-robin.
+
+    Interleaving gives each series the same share of the machine's drift (this shared
+    machine's speed wanders by ±10 % over minutes), so ratios within a row are fair.
+    """
+    samples = {name: [] for name in runners}
+    for name, runner in runners.items():
+        runner()  # warm up
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner()
+            samples[name].append(time.perf_counter() - start)
+    return {name: _summary(times) for name, times in samples.items()}
 
 
 def _grad_x(fn):
     return jax.value_and_grad(fn, argnums=1)
 
 
+def _bench(args, functions, repeats, extra_runners=None):
+    runners, info, outputs = {}, {}, {}
+    for name, fn in functions.items():
+        runners[name], compile_s, temp, outputs[name] = _compile(fn, args)
+        info[name] = {"compile_s": compile_s, "temp_bytes": temp}
+    for name, runner in (extra_runners or {}).items():
+        runners[name] = runner
+        info[name] = {"compile_s": 0.0, "temp_bytes": None}
+    rows = _measure(runners, repeats)
+    for name in rows:
+        rows[name].update(info[name])
+    return rows, outputs
+
+
+def _relative_difference(a, b, scale):
+    return float(jnp.max(jnp.abs(jnp.asarray(a) - jnp.asarray(b))) / scale)
+
+
 def bench_curve(n, dim, repeats):
     args = curve_problem(n, dim)
-    rows = {}
-    rows["value"], _ = _jax_series(gg.log_marginal_likelihood, args, repeats)
-    rows["closed"], (_, g_closed) = _jax_series(_grad_x(gg.log_marginal_likelihood), args, repeats)
-    rows["autodiff"], (_, g_auto) = _jax_series(_grad_x(plain_autodiff_value), args, repeats)
-    agreement = float(jnp.max(jnp.abs(g_closed - g_auto)) / jnp.max(jnp.abs(g_auto)))
-    return rows, agreement
+    functions = {
+        "value": gg.log_marginal_likelihood,
+        "closed": _grad_x(gg.log_marginal_likelihood),
+        "autodiff": _grad_x(plain_autodiff_value),
+    }
+    rows, outputs = _bench(args, functions, repeats)
+    g_closed, g_auto = outputs["closed"][1], outputs["autodiff"][1]
+    return rows, _relative_difference(g_closed, g_auto, float(jnp.max(jnp.abs(g_auto))))
 
 
 def bench_se(n, repeats, peers):
     kernel, x, y, nz = se_problem(n)
     args = (kernel, x, y, nz)
-    rows = {}
-    rows["value"], _ = _jax_series(gg.log_marginal_likelihood, args, repeats)
-    rows["closed"], (_, g_closed) = _jax_series(_grad_x(gg.log_marginal_likelihood), args, repeats)
-    rows["autodiff"], (_, g_auto) = _jax_series(_grad_x(plain_autodiff_value), args, repeats)
-    agreement = {"autodiff": float(jnp.max(jnp.abs(g_closed - g_auto)) / jnp.max(jnp.abs(g_auto)))}
-    scale = float(jnp.max(jnp.abs(g_closed)))
+    functions = {
+        "value": gg.log_marginal_likelihood,
+        "closed": _grad_x(gg.log_marginal_likelihood),
+        "autodiff": _grad_x(plain_autodiff_value),
+    }
+    extra = {}
     if "tinygp" in peers:
         import tinygp
 
@@ -156,8 +188,7 @@ def bench_se(n, repeats, peers):
         def tinygp_lml(k, x_, y_, nz_):
             return tinygp.GaussianProcess(peer_kernel, x_, diag=0.3**2).log_probability(y_)
 
-        rows["tinygp"], (_, g_peer) = _jax_series(_grad_x(tinygp_lml), args, repeats)
-        agreement["tinygp"] = float(jnp.max(jnp.abs(g_closed - g_peer)) / scale)
+        functions["tinygp"] = _grad_x(tinygp_lml)
     if "GPy" in peers:
         import GPy
 
@@ -170,10 +201,15 @@ def bench_se(n, repeats, peers):
             model.set_XY(x_np, y_np)  # runs GPy's exact inference (Cholesky via LAPACK)
             return model.log_likelihood(), model.kern.gradients_X(model.grad_dict["dL_dK"], x_np)
 
-        rows["GPy"] = _time(gpy_value_and_grad, repeats)
-        rows["GPy"]["compile_s"] = 0.0
-        rows["GPy"]["temp_bytes"] = None
-        agreement["GPy"] = float(np.max(np.abs(np.asarray(g_closed) - gpy_value_and_grad()[1][:, 0])) / scale)
+        extra["GPy"] = gpy_value_and_grad
+    rows, outputs = _bench(args, functions, repeats, extra)
+    g_closed = outputs["closed"][1]
+    scale = float(jnp.max(jnp.abs(g_closed)))
+    agreement = {"autodiff": _relative_difference(g_closed, outputs["autodiff"][1], scale)}
+    if "tinygp" in outputs:
+        agreement["tinygp"] = _relative_difference(g_closed, outputs["tinygp"][1], scale)
+    if "GPy" in extra:
+        agreement["GPy"] = _relative_difference(g_closed, extra["GPy"]()[1][:, 0], scale)
     return rows, agreement
 
 
