@@ -50,12 +50,14 @@ def check_factorization(chol: Any, u_core: Any) -> None:
     the factor is traced; rerun the call outside ``jit`` (or under
     ``jax.disable_jit()``) to get this message.
     """
-    concrete = _concrete(chol)
-    if concrete is None:
+    if isinstance(chol, jax.core.Tracer):
         return
+    # Only the pivots come to the host: a breakdown anywhere in the factorisation reaches
+    # every later pivot, and copying the whole factor would cost O(m²) per eager call.
+    concrete = np.asarray(jnp.diagonal(chol, axis1=-2, axis2=-1))
     eps = float(np.finfo(concrete.dtype).eps)
-    pivots = np.abs(np.diagonal(concrete, axis1=-2, axis2=-1)).astype(np.float64)
-    finite = np.all(np.isfinite(concrete))
+    pivots = np.abs(concrete).astype(np.float64)
+    finite = np.all(np.isfinite(pivots))
     cond_bound = float(np.max(pivots / np.min(pivots, axis=-1, keepdims=True)) ** 2) if finite else np.inf
     if finite and cond_bound * eps < 1.0:
         return
