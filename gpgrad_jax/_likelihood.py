@@ -61,13 +61,13 @@ def _factor(kernel: Kernel, noise: Noise, x: Array, r: Array):
 def _index_terms(kernel: Kernel, noise: Noise, x: Array, chol: Array, alpha: Array, dim: int):
     """The seed's gradient in ``x``, and the pieces the other cotangents reuse.
 
-    Returns ``(grad_x, u_inv, z, m_trace)`` — ``u_inv`` is ``U⁻¹``'s core, complete or its
-    lower triangle (see the branch below); O(n²·d) after ``U⁻¹`` is formed.
+    Returns ``(grad_x, u_inv, lower_only, z, m_trace)`` — ``u_inv`` is ``U⁻¹``'s core,
+    only its lower triangle when ``lower_only``; O(n²·d) after ``U⁻¹`` is formed.
     """
     q = alpha.shape[1]
-    n = x.shape[0]
     z = noise.unwhiten(alpha, dim)  # Sᵀ U⁻¹ S r, shape (n, D)
-    if chol.shape[0] > n:
+    lower_only = chol.shape[0] > x.shape[0]
+    if lower_only:
         # U is larger than K: form one triangle of U⁻¹ and complete the (n × n) block trace.
         u_inv = cho_inverse_lower(chol)
         m_trace = noise.core_adjoint_from_lower(q * u_inv, dim)  # blocktrace(Sᵀ U⁻¹ S), (n, n)
@@ -77,7 +77,7 @@ def _index_terms(kernel: Kernel, noise: Noise, x: Array, chol: Array, alpha: Arr
     delta = kernel.grad_first_matrix(x, x)  # (n, n) or (n, n, d)
     data_term = jnp.einsum("ia,ij...,ja->i...", z, delta, z)
     normalisation_term = jnp.einsum("ij,ij...->i...", m_trace, delta)
-    return data_term - normalisation_term, u_inv, z, m_trace
+    return data_term - normalisation_term, u_inv, lower_only, z, m_trace
 
 
 # --------------------------------------------------------- custom_vjp core
@@ -97,8 +97,8 @@ def _lml_bwd(residuals, g):
     kernel, noise, x, r, chol, alpha = residuals
     dim = r.shape[1]
     q = alpha.shape[1]
-    grad_x, u_inv, z, m_trace = _index_terms(kernel, noise, x, chol, alpha, dim)
-    if u_inv.shape[0] > x.shape[0]:
+    grad_x, u_inv, lower_only, z, m_trace = _index_terms(kernel, noise, x, chol, alpha, dim)
+    if lower_only:
         u_inv = symmetrize_lower(u_inv)  # only if noise cotangents are used (else XLA drops it)
 
     # Kernel parameters: contract K̄ = ½(ZZᵀ − M̃) with ∂K/∂θ (x held fixed).
