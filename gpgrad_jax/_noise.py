@@ -77,6 +77,18 @@ class Noise(abc.ABC):
         """Parameters that must be strictly positive, by name."""
         return {}
 
+    def observation_blocks(self, n: int, dim: int) -> tuple[Array, int]:
+        """``(B, q)`` for the state-space solvers: per-point blocks ``B`` of shape ``(n, p, p)``
+        acting on each point's residual reshaped to ``(p, q)``, ``p·q = D``.
+
+        Only block-diagonal ``S`` has them; the default raises a clear error.
+        """
+        raise ValueError(
+            f"noise.{type(self).__name__} is not block diagonal per point, so the state-space "
+            "solvers (solver='markov', 'markov-parallel') cannot use it; use solver='dense' "
+            "(or 'auto', which falls back to it), or Isotropic / PerPoint noise"
+        )
+
     def log_abs_det(self, n: int, dim: int) -> Array:
         """``log|det S|`` for a square ``S`` (``−inf`` if ``S`` is singular).
 
@@ -137,6 +149,10 @@ class Isotropic(Noise):
 
     def log_abs_det(self, n, dim):
         return -n * dim * jnp.log(jnp.abs(self.sigma))
+
+    def observation_blocks(self, n, dim):
+        # One coordinate's 1×1 block, shared by the D coordinates (q = D columns).
+        return jnp.broadcast_to(1.0 / self.sigma, (n, 1, 1)), dim
 
 
 @_pytree_dataclass
@@ -199,6 +215,9 @@ class PerPoint(Noise):
 
     def log_abs_det(self, n, dim):
         return jnp.sum(jnp.linalg.slogdet(self._blocks3(dim))[1])
+
+    def observation_blocks(self, n, dim):
+        return self._blocks3(dim), 1
 
     def dense_matrix(self, n, dim):
         blocks = self._blocks3(dim)

@@ -1,0 +1,497 @@
+r"""The state-space solver: Kalman filter, smoother and the closed-form gradient in O(n).
+
+**Model.**  In precision form the likelihood is the Gaussian density of the whitened data
+``w = S r`` under ``w = S f + e``, ``e ~ N(0, I)``.  For a Markov kernel (see
+``gpgrad_jax._statespace``) and block-diagonal ``S`` (:class:`~gpgrad_jax.noise.Isotropic`,
+:class:`~gpgrad_jax.noise.PerPoint`) this is a linear-Gaussian state-space model over the
+*sorted* indices: state ``s_k`` (``N = p·k`` entries: ``k`` per coordinate, ``p`` coupled
+coordinates), ``s_k = A_k s_{k−1} + ε_k`` with ``ε_k ~ N(0, Q_k)``, and observation
+``o_k = B_k r_k = C_k s_k + e_k``, ``C_k = B_k H`` (``H`` reads ``f``).  Isotropic noise
+decouples the ``D`` coordinates: they share one covariance, so ``p = 1`` and the ``q = D``
+coordinates ride along as columns of the mean (the dense solver's ``U = U_c ⊗ I_q``).
+
+**Filter** (value).  ``m⁻ = A m, P⁻ = A P Aᵀ + Q``; ``U = I + C P⁻ Cᵀ`` (eigenvalues ``≥ 1``:
+rank-deficient or zero blocks are fine, ``P`` and ``Q`` are never inverted),
+``v = o − C m⁻``, ``L = Σ_k [−½ vᵀU⁻¹v − (q/2) log|U|] − (m/2) log 2π``, equal to the dense
+``L``.  A step ``h = 0`` (tied indices) is ``A = I, Q = 0``: exact, nothing to invert.
+
+**Smoother** (modified Bryson–Frazier).  The adjoints ``ν_k = ∂L/∂m⁻_k`` and
+``N_k`` with ``∂L/∂P⁻_k = ½(ν_kν_kᵀ − q N_k)`` obey the backward recursion
+``ν_k = Cᵀ U⁻¹ v + E_k ν_{k+1}``, ``N_k = Cᵀ U⁻¹ C + E_k N_{k+1} E_kᵀ`` with
+``E_k = (I − K_k C_k)ᵀ A_{k+1}ᵀ`` and give the smoothed marginals
+``m_k = m⁻_k + P⁻_k ν_k``, ``P_k = P⁻_k − P⁻_k N_k P⁻_k`` — again with no inverse of
+``P`` or ``Q``.  Both recursions run as ``lax.scan`` (``"markov"``) or as associative
+scans of O(log n) depth (``"markov-parallel"``).
+
+**Gradient** (the rule).  Reading the same random function at a moved index,
+``∂L/∂x_i = z_i · E[f'(x_i)|y] − tr(Λ_i Cov(f'(x_i), f(x_i)|y))`` with
+``z_i = Λ_i (r_i − E[f(x_i)|y])`` — the dense ``z ⊙ (Δz) − rowsum(M ⊙ Δ)`` written with the
+smoothed marginal of the state at ``x_i``.  Also from the marginals: ``∂L/∂r_i = −z_i``,
+``∂L/∂B_i = −B_i (ρ_iρ_iᵀ + Cov(f(x_i)|y))`` with ``ρ_i = r_i − E[f(x_i)|y]``; for a
+Matérn block ``c`` with variance ``v`` and lengthscale ``ℓ``
+``∂L/∂v = (1/2v) Σ_i [z_i·E f_c(x_i) − tr(Λ_i Cov(f_c(x_i), f(x_i)|y))]`` and
+``∂L/∂ℓ = −(1/ℓ) Σ_i (x_i − x̄) [z_i·E f'_c(x_i) − tr(Λ_i Cov(f'_c(x_i), f(x_i)|y))]``;
+for the polynomial block the prior of the first state and the process noise enter ``L``
+additively in ``P⁻``, so ``∂L/∂σ² = Σ_k ⟨½(ν_kν_kᵀ − qN_k), Q̃(h_k)⟩`` and the constant and
+linear variances read ``½(ν_1ν_1ᵀ − qN_1)`` at the first point.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gpgrad_jax._linalg import small_matmul as _mm
+from gpgrad_jax._statespace import Matern, Polynomial, state_space, unit_cubic_noise
+
+Array = Any
+
+
+# ------------------------------------------------------------ small dense algebra
+
+
+def _t(a):
+    return jnp.swapaxes(a, -1, -2)
+
+
+def spd_inverse_and_logdet(u):
+    """``(U⁻¹, log|U|)`` for small symmetric positive definite ``U`` (``..., p, p``).
+
+    Unrolled Cholesky for ``p ≤ 4`` — elementwise over any batch, so that it vectorises and
+    fuses instead of calling LAPACK once per step of a scan.
+    """
+    p = u.shape[-1]
+    if p == 1:
+        return 1.0 / u, jnp.log(u[..., 0, 0])
+    if p > 4:
+        chol = jnp.linalg.cholesky(u)
+        eye = jnp.broadcast_to(jnp.eye(p, dtype=u.dtype), u.shape)
+        inv = jax.scipy.linalg.cho_solve((chol, True), eye)
+        return inv, 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+    low = [[None] * p for _ in range(p)]
+    for j in range(p):
+        low[j][j] = jnp.sqrt(u[..., j, j] - sum(low[j][i] ** 2 for i in range(j)))
+        for r in range(j + 1, p):
+            low[r][j] = (u[..., r, j] - sum(low[r][i] * low[j][i] for i in range(j))) / low[j][j]
+    # T = L⁻¹ by forward substitution, then U⁻¹ = TᵀT.
+    inv_low = [[None] * p for _ in range(p)]
+    for j in range(p):
+        inv_low[j][j] = 1.0 / low[j][j]
+        for r in range(j + 1, p):
+            inv_low[r][j] = -sum(low[r][i] * inv_low[i][j] for i in range(j, r)) / low[r][r]
+    zero = jnp.zeros_like(u[..., 0, 0])
+    entry = lambda r, c: inv_low[r][c] if r >= c else zero  # noqa: E731
+    rows = [
+        jnp.stack([sum(entry(i, a) * entry(i, b) for i in range(max(a, b), p)) for b in range(p)], -1)
+        for a in range(p)
+    ]
+    logdet = 2.0 * sum(jnp.log(low[j][j]) for j in range(p))
+    return jnp.stack(rows, -2), logdet
+
+
+# ------------------------------------------------------------------ the model
+
+
+class Model(NamedTuple):
+    """The state-space model of one problem, in sorted order (all arrays lead with ``n``)."""
+
+    order: Array  # permutation sorting the indices
+    x: Array  # sorted indices, (n,)
+    h: Array  # steps, (n,); h[0] = 0
+    transition: Array  # A_k, (n, N, N); A_0 = 0 (the first state has no predecessor)
+    process_noise: Array  # Q_k, (n, N, N); Q_0 = prior covariance of the first state
+    obs_matrix: Array  # C_k = B_k H, (n, p, N)
+    obs: Array  # o_k = B_k r_k, (n, p, q)
+    blocks: Array  # B_k, (n, p, p)
+    residual: Array  # r_k, (n, p, q)
+
+
+class Layout(NamedTuple):
+    """Static description of the per-coordinate state: block slices and read-out vectors."""
+
+    size: int  # k, states per coordinate
+    slices: tuple  # one (start, stop) per component
+    value: Array  # H, (k,): reads f
+    slope: Array  # G, (k,): reads f'
+
+
+def _layout(components, dtype) -> Layout:
+    slices, start = [], 0
+    for component in components:
+        slices.append((start, start + component.size))
+        start += component.size
+    value = jnp.zeros(start, dtype).at[jnp.array([s for s, _ in slices])].set(1.0)
+    slope = jnp.zeros(start, dtype).at[jnp.array([s + 1 for s, _ in slices])].set(1.0)
+    return Layout(start, tuple(slices), value, slope)
+
+
+def _block_diagonal(blocks, size):
+    batch = blocks[0].shape[:-2]
+    out = jnp.zeros(batch + (size, size), blocks[0].dtype)
+    start = 0
+    for block in blocks:
+        stop = start + block.shape[-1]
+        out = out.at[..., start:stop, start:stop].set(block)
+        start = stop
+    return out
+
+
+def _lift(matrix, p):
+    """``I_p ⊗ M`` for a batch of ``(k, k)`` matrices: ``p`` coordinates with the same dynamics."""
+    if p == 1:
+        return matrix
+    n, k, _ = matrix.shape
+    eye = jnp.eye(p, dtype=matrix.dtype)
+    return jnp.einsum("ab,nij->naibj", eye, matrix).reshape(n, p * k, p * k)
+
+
+def build_model(components, layout: Layout, x, blocks, r) -> Model:
+    """Sort the points and assemble ``A_k, Q_k, C_k, o_k`` (see the module docstring)."""
+    n, p, q = r.shape
+    # Sorting costs more than the filter itself (XLA:CPU's sort): skip it for sorted input.
+    order = jax.lax.cond(
+        jnp.all(x[1:] >= x[:-1]),
+        lambda: jnp.arange(n),
+        lambda: jnp.argsort(x, stable=True),
+    )
+    xs = x[order]
+    h = jnp.concatenate([jnp.zeros(1, xs.dtype), jnp.diff(xs)])
+    transition = _block_diagonal([c.transition(h) for c in components], layout.size)
+    noise = _block_diagonal([c.process_noise(h) for c in components], layout.size)
+    initial = _block_diagonal([c.initial(xs[0]) for c in components], layout.size)
+    transition = transition.at[0].set(0.0)
+    noise = noise.at[0].set(initial)
+    blocks, r = blocks[order], r[order]
+    obs_matrix = jnp.einsum("nab,j->nabj", blocks, layout.value).reshape(n, p, p * layout.size)
+    obs = jnp.einsum("nab,nbq->naq", blocks, r)
+    return Model(order, xs, h, _lift(transition, p), _lift(noise, p), obs_matrix, obs, blocks, r)
+
+
+# -------------------------------------------------------------------- filter
+
+
+class Filtered(NamedTuple):
+    """Predicted moments and innovations at every point (sorted order)."""
+
+    mean: Array  # m⁻_k, (n, N, q)
+    cov: Array  # P⁻_k, (n, N, N)
+    terms: Array  # −½ vᵀU⁻¹v − (q/2) log|U|, (n,)
+
+
+def _update(mean, cov, obs_matrix, obs):
+    """Observation update in precision form: ``(m⁺, P⁺, likelihood term)``."""
+    q = obs.shape[-1]
+    pc = _mm(cov, _t(obs_matrix))
+    u = jnp.eye(obs_matrix.shape[-2], dtype=cov.dtype) + _mm(obs_matrix, pc)
+    u_inv, logdet = spd_inverse_and_logdet(u)
+    innovation = obs - _mm(obs_matrix, mean)
+    gain = _mm(pc, u_inv)
+    new_mean = mean + _mm(gain, innovation)
+    new_cov = cov - _mm(gain, _t(pc))
+    new_cov = 0.5 * (new_cov + _t(new_cov))
+    term = -0.5 * jnp.sum(innovation * _mm(u_inv, innovation), axis=(-2, -1)) - 0.5 * q * logdet
+    return new_mean, new_cov, term
+
+
+def filter_sequential(model: Model) -> Filtered:
+    n, big, _ = model.transition.shape
+    q = model.obs.shape[-1]
+    dtype = model.transition.dtype
+
+    def step(carry, inputs):
+        mean, cov = carry
+        a, noise, obs_matrix, obs = inputs
+        pred_mean = _mm(a, mean)
+        pred_cov = _mm(_mm(a, cov), a.T) + noise
+        mean, cov, term = _update(pred_mean, pred_cov, obs_matrix, obs)
+        return (mean, cov), (pred_mean, pred_cov, term)
+
+    init = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
+    xs = (model.transition, model.process_noise, model.obs_matrix, model.obs)
+    _, (mean, cov, terms) = jax.lax.scan(step, init, xs)
+    return Filtered(mean, cov, terms)
+
+
+def filter_parallel(model: Model) -> Filtered:
+    """The same filter as an associative scan (Särkkä & García-Fernández, 2021) in precision form."""
+    a, noise, c, o = model.transition, model.process_noise, model.obs_matrix, model.obs
+    big = a.shape[-1]
+    eye = jnp.eye(big, dtype=a.dtype)
+    # Element k: the filter from a known s_{k−1} through observation k.
+    s_inv, _ = spd_inverse_and_logdet(jnp.eye(c.shape[-2], dtype=a.dtype) + _mm(_mm(c, noise), _t(c)))
+    gain = _mm(_mm(noise, _t(c)), s_inv)
+    residual_map = eye - _mm(gain, c)
+    elements = (
+        _mm(residual_map, a),  # A
+        _mm(gain, o),  # b
+        noise - _mm(gain, _t(_mm(noise, _t(c)))),  # C
+        _mm(_mm(_mm(_t(a), _t(c)), s_inv), o),  # η
+        _mm(_mm(_mm(_mm(_t(a), _t(c)), s_inv), c), a),  # J
+    )
+
+    def combine(first, second):
+        a1, b1, c1, eta1, j1 = first
+        a2, b2, c2, eta2, j2 = second
+        m = eye + _mm(c1, j2)
+        a2_m = _t(jnp.linalg.solve(_t(m), _t(a2)))  # A₂ (I + C₁J₂)⁻¹
+        a1t_mt = _t(jnp.linalg.solve(m, a1))  # A₁ᵀ (I + J₂C₁)⁻¹
+        cov = _mm(_mm(a2_m, c1), _t(a2)) + c2
+        return (
+            _mm(a2_m, a1),
+            _mm(a2_m, b1 + _mm(c1, eta2)) + b2,
+            0.5 * (cov + _t(cov)),
+            _mm(a1t_mt, eta2 - _mm(j2, b1)) + eta1,
+            _mm(_mm(a1t_mt, j2), a1) + j1,
+        )
+
+    _, filt_mean, filt_cov, _, _ = jax.lax.associative_scan(combine, elements)
+    prev_mean = jnp.concatenate([jnp.zeros_like(filt_mean[:1]), filt_mean[:-1]])
+    prev_cov = jnp.concatenate([jnp.zeros_like(filt_cov[:1]), filt_cov[:-1]])
+    pred_mean = _mm(a, prev_mean)
+    pred_cov = _mm(_mm(a, prev_cov), _t(a)) + noise
+    _, _, terms = _update(pred_mean, pred_cov, c, o)
+    return Filtered(pred_mean, pred_cov, terms)
+
+
+def log_likelihood(filtered: Filtered, model: Model):
+    n, p, q = model.residual.shape
+    return jnp.sum(filtered.terms) - 0.5 * n * p * q * math.log(2.0 * math.pi)
+
+
+# ------------------------------------------------------------------ smoother
+
+
+class Smoothed(NamedTuple):
+    mean: Array  # E[s_k | y], (n, N, q)
+    cov: Array  # Cov(s_k | y), (n, N, N)
+    nu: Array  # ∂L/∂m⁻_k, (n, N, q)
+    info: Array  # N_k, (n, N, N)
+
+
+def _backward_elements(filtered: Filtered, model: Model):
+    """``E_k``, ``c_k = CᵀU⁻¹v`` and ``D_k = CᵀU⁻¹C`` of the adjoint recursion."""
+    c, mean, cov = model.obs_matrix, filtered.mean, filtered.cov
+    pc = _mm(cov, _t(c))
+    u_inv, _ = spd_inverse_and_logdet(jnp.eye(c.shape[-2], dtype=cov.dtype) + _mm(c, pc))
+    innovation = model.obs - _mm(c, mean)
+    gain = _mm(pc, u_inv)
+    big = cov.shape[-1]
+    residual_map = jnp.eye(big, dtype=cov.dtype) - _mm(gain, c)  # I − K C
+    next_transition = jnp.concatenate([model.transition[1:], jnp.zeros_like(model.transition[:1])])
+    e = _mm(_t(residual_map), _t(next_transition))
+    ct_uinv = _mm(_t(c), u_inv)
+    return e, _mm(ct_uinv, innovation), _mm(ct_uinv, c)
+
+
+def _adjoints_sequential(e, c, d):
+    def step(carry, inputs):
+        nu, info = carry
+        e_k, c_k, d_k = inputs
+        nu = _mm(e_k, nu) + c_k
+        info = _mm(_mm(e_k, info), e_k.T) + d_k
+        return (nu, info), (nu, info)
+
+    init = (jnp.zeros_like(c[0]), jnp.zeros_like(d[0]))
+    _, (nu, info) = jax.lax.scan(step, init, (e, c, d), reverse=True)
+    return nu, info
+
+
+def _adjoints_parallel(e, c, d):
+    # Suffix compositions of the affine maps ν ↦ Eν + c and N ↦ E N Eᵀ + D.
+    def combine(later, earlier):
+        e2, c2, d2 = later
+        e1, c1, d1 = earlier
+        return _mm(e1, e2), _mm(e1, c2) + c1, _mm(_mm(e1, d2), _t(e1)) + d1
+
+    _, nu, info = jax.lax.associative_scan(combine, (e, c, d), reverse=True)
+    return nu, info
+
+
+def smooth(filtered: Filtered, model: Model, parallel: bool) -> Smoothed:
+    e, c, d = _backward_elements(filtered, model)
+    nu, info = (_adjoints_parallel if parallel else _adjoints_sequential)(e, c, d)
+    pred_cov = filtered.cov
+    mean = filtered.mean + _mm(pred_cov, nu)
+    cov = pred_cov - _mm(_mm(pred_cov, info), pred_cov)
+    return Smoothed(mean, 0.5 * (cov + _t(cov)), nu, info)
+
+
+# --------------------------------------------------------- closed-form terms
+
+
+class Marginals(NamedTuple):
+    """Per-point quantities of the rule, sorted order."""
+
+    z: Array  # Λ (r − E f), (n, p, q)
+    residual: Array  # r − E f, (n, p, q)
+    f_cov: Array  # Cov(f | y), (n, p, p)
+
+
+def _read(smoothed: Smoothed, layout: Layout, p: int, readers):
+    """For each read-out vector ``R`` (``k``): ``E[R·s]`` (n, p, q) and ``Cov(R·s, f)`` (n, p, p)."""
+    n, big, q = smoothed.mean.shape
+    k = layout.size
+    mean = smoothed.mean.reshape(n, p, k, q)
+    cov = smoothed.cov.reshape(n, p, k, p, k)
+    cov_f = jnp.einsum("napbl,l->napb", cov, layout.value)  # Cov(s_a, f_b), (n, p, k, p)
+    means = jnp.einsum("rj,najq->rnaq", readers, mean)
+    covs = jnp.einsum("rj,najb->rnab", readers, cov_f)
+    return means, covs
+
+
+def _contract(z, blocks, read_mean, read_cov):
+    """``z·E[R s] − q tr(Λ Cov(R s, f))`` per point."""
+    q = z.shape[-1]
+    precision = _mm(_t(blocks), blocks)
+    return jnp.sum(z * read_mean, axis=(-2, -1)) - q * jnp.sum(precision * _t(read_cov), axis=(-2, -1))
+
+
+def _readers(layout: Layout, components):
+    """Read-out vectors: total slope, then per component (value, slope)."""
+    rows = [layout.slope]
+    for start, _ in layout.slices:
+        rows.append(jnp.zeros_like(layout.value).at[start].set(1.0))
+        rows.append(jnp.zeros_like(layout.value).at[start + 1].set(1.0))
+    return jnp.stack(rows)
+
+
+def marginal_terms(smoothed: Smoothed, model: Model, layout: Layout, components):
+    """The index gradient (sorted), per-component (value, slope) terms and the marginals."""
+    n, p, q = model.residual.shape
+    readers = _readers(layout, components)
+    (f_mean,), (f_cov,) = _read(smoothed, layout, p, layout.value[None])
+    residual = model.residual - f_mean
+    z = _mm(_t(model.blocks), _mm(model.blocks, residual))
+    means, covs = _read(smoothed, layout, p, readers)
+    terms = jax.vmap(_contract, in_axes=(None, None, 0, 0))(z, model.blocks, means, covs)
+    return terms[0], terms[1:].reshape(len(components), 2, n), Marginals(z, residual, f_cov)
+
+
+def _prior_gradients(smoothed: Smoothed, p: int, k: int):
+    """``½(ν_kν_kᵀ − q N_k)``, the gradient in ``P⁻_k``, summed over the ``p`` coordinates: (n, k, k)."""
+    n, big, q = smoothed.nu.shape
+    nu = smoothed.nu.reshape(n, p, k, q)
+    info = smoothed.info.reshape(n, p, k, p, k)
+    outer = jnp.einsum("najq,nalq->njl", nu, nu)
+    return 0.5 * (outer - q * jnp.einsum("najal->njl", info))
+
+
+def component_cotangents(components, layout, terms, smoothed, model):
+    """Cotangents of the components' parameters, in the components' own structure."""
+    n, p, _ = model.residual.shape
+    x = model.x
+    prior_grad = None
+    out = []
+    for index, (component, (start, stop)) in enumerate(zip(components, layout.slices)):
+        value_term, slope_term = terms[index]
+        if isinstance(component, Matern):
+            variance_bar = jnp.sum(value_term) / (2.0 * component.variance)
+            lengthscale_bar = -jnp.sum((x - jnp.mean(x)) * slope_term) / component.lengthscale
+            out.append(Matern(variance_bar, lengthscale_bar, component.order))
+        elif isinstance(component, Polynomial):
+            if prior_grad is None:
+                prior_grad = _prior_gradients(smoothed, p, layout.size)
+            block = prior_grad[:, start:stop, start:stop]
+            steps = model.h.at[0].set(x[0])  # the first point's prior holds Q̃(x_1)
+            cubic_bar = jnp.sum(block * unit_cubic_noise(steps))
+            first = block[0]
+            t = x[0]
+            linear_bar = t * t * first[0, 0] + 2.0 * t * first[0, 1] + first[1, 1]
+            out.append(Polynomial(cubic_bar, linear_bar, first[0, 0]))
+        else:  # pragma: no cover - state_space only yields the two kinds above
+            raise TypeError(type(component).__name__)
+    return tuple(out)
+
+
+# ------------------------------------------------------------- custom_vjp rule
+
+
+def _setup(kernel, noise, x, r):
+    n, dim = r.shape
+    components = state_space(kernel)
+    layout = _layout(components, r.dtype)
+    blocks, q = noise.observation_blocks(n, dim)
+    p = blocks.shape[-1]
+    model = build_model(components, layout, x, blocks, r.reshape(n, p, q))
+    return components, layout, model
+
+
+def _forward(parallel, kernel, noise, x, r):
+    components, layout, model = _setup(kernel, noise, x, r)
+    filtered = (filter_parallel if parallel else filter_sequential)(model)
+    return log_likelihood(filtered, model), (model, filtered)
+
+
+def _unsort(values, order):
+    return jnp.zeros_like(values).at[order].set(values)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def log_marginal_likelihood(parallel, kernel, noise, x, r):
+    """``L`` by the Kalman filter; its ``custom_vjp`` is the closed form from the smoother."""
+    return _forward(parallel, kernel, noise, x, r)[0]
+
+
+def _lml_fwd(parallel, kernel, noise, x, r):
+    value, state = _forward(parallel, kernel, noise, x, r)
+    return value, (kernel, noise, x, r, state)
+
+
+def _lml_bwd(parallel, residuals, g):
+    kernel, noise, x, r, (model, filtered) = residuals
+    n, dim = r.shape
+    components = state_space(kernel)
+    layout = _layout(components, r.dtype)
+    smoothed = smooth(filtered, model, parallel)
+    grad_x, terms, marginals = marginal_terms(smoothed, model, layout, components)
+
+    component_bar = component_cotangents(components, layout, terms, smoothed, model)
+    _, kernel_vjp = jax.vjp(state_space, kernel)
+    (kernel_bar,) = kernel_vjp(jax.tree_util.tree_map(lambda c: g * c, component_bar))
+
+    q = model.residual.shape[-1]
+    spread = _mm(marginals.residual, _t(marginals.residual)) + q * marginals.f_cov
+    blocks_bar = _unsort(-_mm(model.blocks, spread), model.order)
+    _, noise_vjp = jax.vjp(lambda nz: nz.observation_blocks(n, dim)[0], noise)
+    (noise_bar,) = noise_vjp(g * blocks_bar)
+
+    x_bar = g * _unsort(grad_x, model.order)
+    r_bar = -g * _unsort(marginals.z, model.order).reshape(n, dim)
+    return kernel_bar, noise_bar, x_bar, r_bar
+
+
+log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd)
+
+
+def index_gradient(parallel, kernel, noise, x, r):
+    """``(L, ∇ₓL)`` from the filter and smoother, evaluated explicitly."""
+    value, (model, filtered) = _forward(parallel, kernel, noise, x, r)
+    components = state_space(kernel)
+    layout = _layout(components, r.dtype)
+    smoothed = smooth(filtered, model, parallel)
+    grad_x, _, _ = marginal_terms(smoothed, model, layout, components)
+    return value, _unsort(grad_x, model.order)
+
+
+def posterior_marginals(parallel, kernel, noise, x, r, x_new):
+    """Posterior mean ``(n_new, p, q)`` and ``Cov(f | y)`` ``(n_new, p, p)`` at ``x_new``:
+    the new indices join the filter as points with zero precision."""
+    n, dim = r.shape
+    n_new = x_new.shape[0]
+    components = state_space(kernel)
+    layout = _layout(components, r.dtype)
+    blocks, q = noise.observation_blocks(n, dim)
+    p = blocks.shape[-1]
+    all_x = jnp.concatenate([x, x_new])
+    all_blocks = jnp.concatenate([blocks, jnp.zeros((n_new, p, p), blocks.dtype)])
+    all_r = jnp.concatenate([r.reshape(n, p, q), jnp.zeros((n_new, p, q), r.dtype)])
+    model = build_model(components, layout, all_x, all_blocks, all_r)
+    filtered = (filter_parallel if parallel else filter_sequential)(model)
+    smoothed = smooth(filtered, model, parallel)
+    (f_mean,), (f_cov,) = _read(smoothed, layout, p, layout.value[None])
+    f_mean, f_cov = _unsort(f_mean, model.order), _unsort(f_cov, model.order)
+    return f_mean[n:], f_cov[n:]

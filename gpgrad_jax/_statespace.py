@@ -1,0 +1,238 @@
+r"""State-space (Markov) forms of the kernels that have one, kept apart from the kernel classes.
+
+A kernel is Markov when ``f`` is the first entry of the state of a linear SDE whose state
+also holds ``f'``.  For such kernels the Kalman filter and smoother of ``gpgrad_jax._markov``
+give the likelihood and its gradient in O(n).  :func:`state_space` maps a kernel to a tuple
+of *components*, one state block each, stacked block-diagonally (``f`` is the sum of the
+blocks' first entries):
+
+* :class:`Polynomial` — ``CubicSpline(σ²) + Linear(σ_l²) + Constant(σ_c²)`` as **one**
+  2-state block ``s = (f, f')`` (an integrated Wiener process started at index 0 from
+  ``s(0) ~ N(0, diag(σ_c², σ_l²))``): ``A(h) = [[1, h], [0, 1]]``,
+  ``Q(h) = σ² [[h³/3, h²/2], [h²/2, h]]``; there is no stationary covariance.
+* :class:`Matern` — Matérn 3/2 (2 states) or 5/2 (3 states), ``λ = √(2ν)/ℓ``:
+  ``A(h) = e^{−λh} Σ_j (F + λI)^j h^j / j!`` (``F + λI`` is nilpotent), ``Q(h) = P∞ − A P∞ Aᵀ``.
+
+Sums merge their polynomial parts and stack the rest; ``c * k`` (a product with a
+:class:`~gpgrad_jax.kernels.Constant`) scales every variance.  Other kernels (the squared
+exponential, products of two non-constant kernels, kernels written by users) have no
+registered form and :func:`state_space` raises :class:`NoStateSpaceForm`; register one with
+``state_space.register(MyKernel)``.
+
+Components are small dataclass pytrees of their effective parameters, so the solver's
+cotangents for them map back to the kernel's leaves with one ``jax.vjp`` of
+:func:`state_space`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from gpgrad_jax._linalg import small_matmul
+from gpgrad_jax._kernels import (
+    Constant,
+    CubicSpline,
+    Kernel,
+    Linear,
+    Matern32,
+    Matern52,
+    Product,
+    Sum,
+)
+
+Array = Any
+
+
+class NoStateSpaceForm(ValueError):
+    """The kernel has no state-space form, so the Markov solvers cannot use it."""
+
+
+def _component(cls=None, *, static=()):
+    """A frozen dataclass pytree: ``static`` fields are structure, the others parameters."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return jax.tree_util.register_dataclass(
+            cls, data_fields=[f for f in fields if f not in static], meta_fields=list(static)
+        )
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _matrix(rows, like):
+    """A small matrix from nested lists of scalars (numbers or arrays broadcast to ``like``)."""
+    return jnp.stack([jnp.stack([jnp.broadcast_to(jnp.asarray(v, like.dtype), like.shape) for v in row], -1) for row in rows], -2)
+
+
+@_component
+class Polynomial:
+    """``CubicSpline(cubic) + Linear(linear) + Constant(constant)`` as one 2-state block."""
+
+    cubic: Array
+    linear: Array
+    constant: Array
+
+    size: ClassVar[int] = 2
+
+    def parts(self):
+        return (self.cubic, self.linear, self.constant)
+
+    def transition(self, h):
+        return _matrix([[1.0, h], [0.0, 1.0]], h)
+
+    def process_noise(self, h):
+        return self.cubic * unit_cubic_noise(h)
+
+    def initial(self, t):
+        """Prior covariance of ``(f(t), f'(t))``: ``A(t) diag(σ_c², σ_l²) A(t)ᵀ + Q(t)``."""
+        constant = self.constant * _matrix([[1.0, 0.0], [0.0, 0.0]], t)
+        linear = self.linear * _matrix([[t * t, t], [t, 1.0]], t)
+        return constant + linear + self.process_noise(t)
+
+
+def unit_cubic_noise(h):
+    """``[[h³/3, h²/2], [h²/2, h]]``: the process noise of a unit-variance integrated Wiener process."""
+    h2 = h * h
+    return _matrix([[h2 * h / 3.0, h2 / 2.0], [h2 / 2.0, h]], h)
+
+
+@_component(static=("order",))
+class Matern:
+    """A Matérn-``order/2`` block (``order`` 3 or 5) with variance and lengthscale."""
+
+    variance: Array
+    lengthscale: Array
+    order: int
+
+    @property
+    def size(self):
+        return (self.order + 1) // 2
+
+    def rate(self):
+        """``λ = √order / ℓ``."""
+        return jnp.sqrt(jnp.asarray(float(self.order), jnp.result_type(self.lengthscale))) / self.lengthscale
+
+    def stationary(self):
+        """``P∞``, the stationary covariance of the state."""
+        lam = self.rate()
+        if self.order == 3:
+            unit = _matrix([[1.0, 0.0], [0.0, lam**2]], lam)
+        else:
+            third = lam**2 / 3.0
+            unit = _matrix([[1.0, 0.0, -third], [0.0, third, 0.0], [-third, 0.0, lam**4]], lam)
+        return self.variance * unit
+
+    def transition(self, h):
+        # exp(F h) = e^{−λh} (I + N h + N² h²/2) with N = F + λI, nilpotent: (F + λI)^size = 0.
+        lam = self.rate()
+        if self.order == 3:
+            nilpotent = _matrix([[lam, 1.0], [-(lam**2), -lam]], lam)
+        else:
+            nilpotent = _matrix([[lam, 1.0, 0.0], [0.0, lam, 1.0], [-(lam**3), -3.0 * lam**2, -2.0 * lam]], lam)
+        h = h[..., None, None]
+        total = jnp.eye(self.size, dtype=lam.dtype) + nilpotent * h
+        if self.order == 5:
+            total = total + small_matmul(nilpotent, nilpotent) * (h * h / 2.0)
+        return jnp.exp(-lam * h) * total
+
+    def process_noise(self, h):
+        a = self.transition(h)
+        stationary = self.stationary()
+        return stationary - small_matmul(small_matmul(a, stationary), jnp.swapaxes(a, -1, -2))
+
+    def initial(self, t):
+        return jnp.broadcast_to(self.stationary(), jnp.shape(t) + (self.size, self.size))
+
+
+@functools.singledispatch
+def state_space(kernel: Kernel) -> tuple:
+    """The state-space components of ``kernel`` (see the module docstring).
+
+    Raises :class:`NoStateSpaceForm` naming the kernel when it has none.
+
+    Example:
+        >>> from gpgrad_jax import kernels
+        >>> from gpgrad_jax._statespace import state_space
+        >>> [type(c).__name__ for c in state_space(kernels.CubicSpline(1.0) + kernels.Matern32(1.0, 0.5))]
+        ['Polynomial', 'Matern']
+    """
+    raise NoStateSpaceForm(
+        f"kernel {type(kernel).__name__} has no state-space form, so solver='markov' cannot use it; "
+        "Markov kernels are CubicSpline, Linear, Constant, Matern32, Matern52, their sums and "
+        "their products with a Constant. Use solver='dense' (or 'auto', which falls back to it)."
+    )
+
+
+def _polynomial(variance, part):
+    variance = jnp.asarray(variance)
+    parts = [jnp.zeros_like(variance)] * 3
+    parts[part] = variance
+    return (Polynomial(*parts),)
+
+
+@state_space.register
+def _(kernel: CubicSpline):
+    return _polynomial(kernel.variance, 0)
+
+
+@state_space.register
+def _(kernel: Linear):
+    return _polynomial(kernel.variance, 1)
+
+
+@state_space.register
+def _(kernel: Constant):
+    return _polynomial(kernel.variance, 2)
+
+
+def _matern_lengthscale(kernel):
+    lengthscale = jnp.asarray(kernel.lengthscale)
+    if lengthscale.size != 1:
+        raise NoStateSpaceForm(
+            f"kernel {type(kernel).__name__} with a lengthscale of shape {lengthscale.shape} has no "
+            "state-space form: the Markov solvers take scalar indices and a scalar lengthscale"
+        )
+    return lengthscale.reshape(())
+
+
+@state_space.register
+def _(kernel: Matern32):
+    return (Matern(jnp.asarray(kernel.variance), _matern_lengthscale(kernel), 3),)
+
+
+@state_space.register
+def _(kernel: Matern52):
+    return (Matern(jnp.asarray(kernel.variance), _matern_lengthscale(kernel), 5),)
+
+
+@state_space.register
+def _(kernel: Sum):
+    merged = [c for c in state_space(kernel.k1) + state_space(kernel.k2) if not isinstance(c, Polynomial)]
+    polynomials = [c for c in state_space(kernel.k1) + state_space(kernel.k2) if isinstance(c, Polynomial)]
+    if polynomials:
+        total = Polynomial(*(sum(parts) for parts in zip(*(p.parts() for p in polynomials))))
+        merged.insert(0, total)
+    return tuple(merged)
+
+
+@state_space.register
+def _(kernel: Product):
+    for scale, other in ((kernel.k1, kernel.k2), (kernel.k2, kernel.k1)):
+        if isinstance(scale, Constant):
+            return tuple(_scaled(c, scale.variance) for c in state_space(other))
+    raise NoStateSpaceForm(
+        f"kernel Product({type(kernel.k1).__name__}, {type(kernel.k2).__name__}) has no state-space "
+        "form: only products with a Constant (c * k) are Markov here. Use solver='dense'."
+    )
+
+
+def _scaled(component, scale):
+    if isinstance(component, Polynomial):
+        return Polynomial(*(scale * v for v in component.parts()))
+    return dataclasses.replace(component, variance=scale * component.variance)
