@@ -495,3 +495,28 @@ def posterior_marginals(parallel, kernel, noise, x, r, x_new):
     (f_mean,), (f_cov,) = _read(smoothed, layout, p, layout.value[None])
     f_mean, f_cov = _unsort(f_mean, model.order), _unsort(f_cov, model.order)
     return f_mean[n:], f_cov[n:]
+
+
+class MarkovSolver:
+    """Markov kernels, block-diagonal noise, scalar indices; O(n) time and memory."""
+
+    def __init__(self, parallel: bool):
+        self.parallel = parallel
+        self.name = "markov-parallel" if parallel else "markov"
+
+    def log_marginal_likelihood(self, kernel, noise, x, r):
+        return log_marginal_likelihood(self.parallel, kernel, noise, x, r)
+
+    def plain_log_marginal_likelihood(self, kernel, noise, x, r):
+        """The same filter with no custom rule: the autodiff baseline."""
+        return _forward(self.parallel, kernel, noise, x, r)[0]
+
+    def index_gradient(self, kernel, noise, x, r):
+        return index_gradient(self.parallel, kernel, noise, x, r)
+
+    def predict(self, kernel, noise, x, r, x_new):
+        """Posterior mean offset and per-coordinate variance at ``x_new``, each ``(n_new, D)``."""
+        mean, cov = posterior_marginals(self.parallel, kernel, noise, x, r, x_new)
+        n_new, p, q = mean.shape
+        variance = jnp.broadcast_to(jnp.diagonal(cov, axis1=-2, axis2=-1)[..., None], (n_new, p, q))
+        return mean.reshape(n_new, p * q), variance.reshape(n_new, p * q)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,9 @@ Array = Any
 class Noise(abc.ABC):
     """Abstract base of the noise models (see the module docstring)."""
 
+    #: True when ``S`` is block diagonal per point (the state-space solvers need it).
+    block_diagonal: ClassVar[bool] = False
+
     @abc.abstractmethod
     def core_shape(self, n: int, dim: int) -> tuple[int, int]:
         """``(p, q)``: ``U = U_c ⊗ I_q`` with ``U_c`` of shape ``(p, p)``."""
@@ -39,7 +42,7 @@ class Noise(abc.ABC):
         """``w = S r`` for residuals ``r`` of shape ``(n, D)``; returns ``(p, q)``."""
 
     @abc.abstractmethod
-    def unwhiten(self, v: Array, dim: int) -> Array:
+    def adjoint_whiten(self, v: Array, dim: int) -> Array:
         """``Sᵀ v`` for ``v`` of shape ``(p, q)``; returns ``(n, D)``."""
 
     @abc.abstractmethod
@@ -116,6 +119,7 @@ class Isotropic(Noise):
     """
 
     sigma: Array
+    block_diagonal: ClassVar[bool] = True
 
     def core_shape(self, n, dim):
         return n, dim
@@ -123,7 +127,7 @@ class Isotropic(Noise):
     def whiten(self, r):
         return r / self.sigma
 
-    def unwhiten(self, v, dim):
+    def adjoint_whiten(self, v, dim):
         return v / self.sigma
 
     def core(self, kernel_matrix, dim):
@@ -174,6 +178,7 @@ class PerPoint(Noise):
     """
 
     blocks: Array
+    block_diagonal: ClassVar[bool] = True
 
     def _blocks3(self, dim):
         return jnp.reshape(self.blocks, (-1, dim, dim))
@@ -185,7 +190,7 @@ class PerPoint(Noise):
         n, dim = r.shape
         return jnp.einsum("iab,ib->ia", self._blocks3(dim), r).reshape(n * dim, 1)
 
-    def unwhiten(self, v, dim):
+    def adjoint_whiten(self, v, dim):
         blocks = self._blocks3(dim)
         return jnp.einsum("iab,ia->ib", blocks, v.reshape(blocks.shape[0], dim))
 
@@ -257,7 +262,7 @@ class Dense(Noise):
     def whiten(self, r):
         return (self.matrix @ r.reshape(-1))[:, None]
 
-    def unwhiten(self, v, dim):
+    def adjoint_whiten(self, v, dim):
         return (self.matrix.T @ v[:, 0]).reshape(-1, dim)
 
     def core(self, kernel_matrix, dim):

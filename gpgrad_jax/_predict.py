@@ -6,11 +6,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from gpgrad_jax._kernels import Kernel
-from gpgrad_jax._likelihood import _factor, _prepare
+from gpgrad_jax._likelihood import prepare
 from gpgrad_jax._noise import Noise
+from gpgrad_jax._solvers import resolve
 from gpgrad_jax._validation import _as_float_array
 
 Array = Any
@@ -24,6 +24,8 @@ def predict(
     x_new: Array,
     mean: Array | None = None,
     mean_new: Array | None = None,
+    *,
+    solver: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     r"""Posterior mean and marginal variance of the latent function at ``x_new``.
 
@@ -34,8 +36,11 @@ def predict(
         E[f_*]   = μ_* + (K_* ⊗ I_D) z
         Var[f_*] = diag(K(x_new, x_new) ⊗ I_D − (K_* ⊗ I_D) M (K_* ⊗ I_D)ᵀ)
 
+    The Markov solvers read the same moments from the smoothed state, the new indices
+    joining the filter as points with zero precision: O(n + n_new).
+
     Args:
-        kernel, x, y, noise, mean: as in :func:`gpgrad_jax.log_marginal_likelihood`.
+        kernel, x, y, noise, mean, solver: as in :func:`gpgrad_jax.log_marginal_likelihood`.
         x_new: new indices, shape ``(n_new,)`` or ``(n_new, d)`` like ``x``.
         mean_new: prior mean at ``x_new``, shape ``(n_new,)`` or ``(n_new, D)``
             like ``y``; ``None`` means zero.
@@ -55,7 +60,7 @@ def predict(
         ((1, 3), (1, 3))
     """
     y_shape = jnp.shape(y)
-    kernel, noise, x, r = _prepare(kernel, x, y, noise, mean)
+    kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
     x_new = _as_float_array("x_new", x_new).astype(x.dtype)
     if x_new.ndim != x.ndim or x_new.shape[1:] != x.shape[1:]:
         raise ValueError(
@@ -72,21 +77,6 @@ def predict(
             raise ValueError(f"`mean_new` must have shape {expected}, got shape {mean_new.shape}")
         mean_new = mean_new.reshape(n_new, dim).astype(x.dtype)
 
-    p, q = noise.core_shape(n, dim)
-    _, chol, alpha = _factor(kernel, noise, x, r)
-    z = noise.unwhiten(alpha, dim)
-    cross = kernel.matrix(x_new, x)  # (n_new, n)
-    posterior_mean = mean_new + cross @ z
-
-    # Column (j, a) of S (K_* ⊗ I)ᵀ is S applied to K_*[j]ᵀ ⊗ e_a: whiten it.
-    unit = jnp.eye(dim, dtype=x.dtype)
-    columns = jax.vmap(
-        lambda k_row: jax.vmap(lambda e: noise.whiten(k_row[:, None] * e[None, :]))(unit)
-    )(cross)  # (n_new, D, p, q)
-    solved = solve_triangular(
-        chol, jnp.moveaxis(columns, 2, 0).reshape(p, -1), lower=True
-    ).reshape(p, n_new, dim, q)
-    prior_var = jax.vmap(kernel.evaluate)(x_new, x_new)[:, None]
-    variance = prior_var - jnp.sum(solved**2, axis=(0, 3))
+    offset, variance = resolve(solver, kernel, noise, x).predict(kernel, noise, x, r, x_new)
     out_shape = (n_new,) + tuple(y_shape[1:])
-    return posterior_mean.reshape(out_shape), jnp.maximum(variance, 0.0).reshape(out_shape)
+    return (mean_new + offset).reshape(out_shape), jnp.maximum(variance, 0.0).reshape(out_shape)

@@ -137,3 +137,31 @@ def assert_trees_close(actual, expected, rtol, what=""):
         scale = max(float(np.max(np.abs(e), initial=0.0)), 1.0)
         err = float(np.max(np.abs(a - e), initial=0.0))
         assert err <= rtol * scale, f"{name}: max error {err:.3e} > {rtol:.1e} * {scale:.3e}\n{a}\n{e}"
+
+
+# Kernels with a state-space form: name -> factory(rng) (scalar indices).
+MARKOV_KERNELS = {
+    "curve": lambda rng: KERNELS["curve"][0](rng, None),
+    "matern32": lambda rng: kernels.Matern32(rng.uniform(0.5, 2.0), rng.uniform(0.4, 1.5)),
+    "matern52": lambda rng: kernels.Matern52(rng.uniform(0.5, 2.0), rng.uniform(0.4, 1.5)),
+    "scaled_sum": lambda rng: rng.uniform(0.5, 2.0) * kernels.Matern52(1.0, rng.uniform(0.4, 1.5))
+    + kernels.Matern32(rng.uniform(0.2, 1.0), rng.uniform(0.4, 1.5))
+    + kernels.CubicSpline(rng.uniform(0.2, 1.0))
+    + kernels.Constant(rng.uniform(0.2, 1.0)),
+    "linear_constant": lambda rng: kernels.Linear(rng.uniform(0.2, 1.0)) + kernels.Constant(rng.uniform(0.2, 1.0)),
+}
+
+MARKOV_NOISES = ("isotropic", "per_point", "per_point_rank_deficient")
+
+
+def make_markov_problem(kernel_name: str, noise_kind: str, seed: int, dim: int, n: int = N_POINTS) -> Problem:
+    """A problem for the state-space solvers: scalar indices in random order with a tie."""
+    rng = np.random.default_rng(seed)
+    kernel = MARKOV_KERNELS[kernel_name](rng)
+    x = rng.permutation(rng.uniform(0.05, 3.0, n))
+    x[rng.integers(n)] = x[rng.integers(n)]  # a tie (or a no-op), anywhere
+    y_shape = (n,) if dim == 1 else (n, dim)
+    problem = Problem(
+        kernel, x, rng.normal(size=y_shape), make_noise(noise_kind, rng, n, dim), 0.3 * rng.normal(size=y_shape)
+    )
+    return problem.astype(jnp.zeros(()).dtype)

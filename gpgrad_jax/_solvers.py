@@ -1,0 +1,55 @@
+"""The ``solver=`` keyword: names to solver objects, and the ``"auto"`` choice.
+
+Every solver offers ``log_marginal_likelihood`` (with its closed-form ``custom_vjp``),
+``index_gradient`` and ``predict`` on validated, dtype-normalised arguments
+``(kernel, noise, x, r)`` with ``r = y − μ`` of shape ``(n, D)``.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from gpgrad_jax._dense import DenseSolver
+from gpgrad_jax._markov import MarkovSolver
+from gpgrad_jax._statespace import NoStateSpaceForm, state_space
+
+SOLVERS = ("auto", "dense", "markov", "markov-parallel")
+
+#: ``"auto"`` uses a Markov solver from this many points on: below it the dense solver's few
+#: large matrix operations beat the scan's per-step cost (measured by benchmarks/run.py).
+MARKOV_MIN_POINTS = 32
+
+_DENSE = DenseSolver()
+_MARKOV = {False: MarkovSolver(parallel=False), True: MarkovSolver(parallel=True)}
+
+
+def markov_obstacle(kernel, noise, x) -> str | None:
+    """Why the state-space solvers cannot take this problem, or ``None`` when they can."""
+    if x.ndim != 1:
+        return f"they need scalar indices, `x` has shape {x.shape}"
+    if not noise.block_diagonal:
+        return (
+            f"noise.{type(noise).__name__} is not block diagonal per point (use Isotropic or "
+            "PerPoint noise)"
+        )
+    try:
+        state_space(kernel)
+    except NoStateSpaceForm as err:
+        return str(err)
+    return None
+
+
+def resolve(solver: str, kernel, noise, x):
+    """The solver object for ``solver`` (one of :data:`SOLVERS`) on this problem."""
+    if solver not in SOLVERS:
+        raise ValueError(f"`solver` must be one of {', '.join(map(repr, SOLVERS))}; got {solver!r}")
+    if solver == "dense":
+        return _DENSE
+    obstacle = markov_obstacle(kernel, noise, x)
+    if solver == "auto":
+        if obstacle is not None or x.shape[0] < MARKOV_MIN_POINTS:
+            return _DENSE
+        return _MARKOV[jax.default_backend() != "cpu"]
+    if obstacle is not None:
+        raise ValueError(f"solver={solver!r} cannot be used here: {obstacle}")
+    return _MARKOV[solver == "markov-parallel"]

@@ -1,0 +1,221 @@
+"""The state-space solvers against the dense solver, finite differences and the kernels themselves."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import gpgrad_jax as gg
+from gpgrad_jax import kernels, noise
+from gpgrad_jax._solvers import resolve
+from gpgrad_jax._statespace import state_space
+from problems import (
+    MARKOV_KERNELS,
+    MARKOV_NOISES,
+    assert_trees_close,
+    data_dims,
+    make_markov_problem,
+    seeds,
+)
+
+ALL_ARGS = (0, 1, 2, 3, 4)  # kernel, x, y, noise, mean
+MARKOV_SOLVERS = ("markov", "markov-parallel")
+
+
+def _value_and_grads(solver, *args):
+    fn = functools.partial(gg.log_marginal_likelihood, solver=solver)
+    return jax.value_and_grad(fn, argnums=ALL_ARGS)(*args)
+
+
+@jax.jit
+def markov_and_dense(*args):
+    """One compilation per shape and structure: both Markov solvers, their explicit gradient, dense."""
+    return (
+        {s: _value_and_grads(s, *args) for s in MARKOV_SOLVERS},
+        {s: gg.index_gradient(*args, solver=s) for s in MARKOV_SOLVERS},
+        _value_and_grads("dense", *args),
+    )
+
+
+@pytest.mark.parametrize("noise_kind", MARKOV_NOISES)
+@pytest.mark.parametrize("kernel_name", sorted(MARKOV_KERNELS))
+@given(seed=seeds, dim=data_dims)
+def test_markov_solvers_equal_the_dense_solver(kernel_name, noise_kind, seed, dim, rtol):
+    """Value and the cotangent of every input, for unsorted indices with ties and rank-deficient
+    or zero noise blocks: 1e-9 relative in float64."""
+    problem = make_markov_problem(kernel_name, noise_kind, seed, dim)
+    markov, explicit, (ref_value, ref_grads) = markov_and_dense(*problem.args())
+    for solver in MARKOV_SOLVERS:
+        value, grads = markov[solver]
+        assert_trees_close(value, ref_value, rtol, f"{solver} value")
+        for name, grad, ref in zip(("kernel", "x", "y", "noise", "mean"), grads, ref_grads):
+            assert_trees_close(grad, ref, rtol, f"{solver} d/d{name}")
+        assert_trees_close(explicit[solver], (ref_value, ref_grads[1]), rtol, f"{solver} index_gradient")
+
+
+def _central_difference(f, x, eps=1e-6):
+    flat = np.asarray(x, np.float64).ravel()
+    grad = np.empty_like(flat)
+    for i in range(flat.size):
+        step = np.zeros_like(flat)
+        step[i] = eps
+        grad[i] = (f((flat + step).reshape(np.shape(x))) - f((flat - step).reshape(np.shape(x)))) / (2 * eps)
+    return grad.reshape(np.shape(x))
+
+
+@pytest.mark.parametrize("kernel_name", ["curve", "scaled_sum"])
+@settings(max_examples=3)
+@given(seed=seeds, dim=data_dims)
+def test_markov_gradients_match_finite_differences(kernel_name, seed, dim, x64):
+    """Independent of autodiff and of the dense solver: central differences of the filter's value."""
+    if not x64:
+        pytest.skip("finite differences need float64")
+    kernel, x, y, nz, mean = make_markov_problem(kernel_name, "per_point_rank_deficient", seed, dim, n=5).args()
+    value = jax.jit(functools.partial(gg.log_marginal_likelihood, solver="markov"))
+    grad = jax.jit(jax.grad(functools.partial(gg.log_marginal_likelihood, solver="markov"), argnums=(0, 1)))
+    kernel_grad, x_grad = grad(kernel, x, y, nz, mean)
+    numeric = _central_difference(lambda x_: float(value(kernel, x_, y, nz, mean)), x)
+    np.testing.assert_allclose(x_grad, numeric, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(numeric).max()))
+    leaves, treedef = jax.tree_util.tree_flatten(kernel)
+    for i, leaf_grad in enumerate(jax.tree_util.tree_leaves(kernel_grad)):
+
+        def at(v, i=i):
+            moved = list(leaves)
+            moved[i] = jnp.asarray(v)
+            return float(value(jax.tree_util.tree_unflatten(treedef, moved), x, y, nz, mean))
+
+        np.testing.assert_allclose(leaf_grad, _central_difference(at, np.asarray(leaves[i])), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kernel_name", sorted(MARKOV_KERNELS))
+def test_state_space_forms_reproduce_the_kernels(kernel_name, x64):
+    """``Cov(s(a), s(b)) = P(a) A(b − a)ᵀ``: its (f, f) entry is ``k(a, b)`` and its (f', f) entry
+    ``∂k(a, b)/∂a`` — the SDE matrices against the kernels' own closed forms."""
+    rng = np.random.default_rng(3)
+    kernel = MARKOV_KERNELS[kernel_name](rng)
+    a, b = jnp.asarray(0.4), jnp.asarray(1.3)
+    value = slope = 0.0
+    for block in state_space(kernel):
+        cov = block.initial(a) @ block.transition(jnp.atleast_1d(b - a))[0].T
+        value, slope = value + cov[0, 0], slope + cov[1, 0]
+    tol = 1e-12 if x64 else 1e-5
+    np.testing.assert_allclose(value, kernel.evaluate(a, b), rtol=tol, atol=tol)
+    np.testing.assert_allclose(slope, kernel.grad_first(a, b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("solver", MARKOV_SOLVERS)
+def test_all_equal_indices_are_exact_not_nan(solver, rtol):
+    kernel, x, y, nz, mean = make_markov_problem("scaled_sum", "per_point_rank_deficient", 5, 3).args()
+    x = jnp.full_like(x, 0.7)
+    got = _value_and_grads(solver, kernel, x, y, nz, mean)
+    assert_trees_close(got, _value_and_grads("dense", kernel, x, y, nz, mean), rtol, "all equal")
+
+
+@pytest.mark.parametrize("solver", MARKOV_SOLVERS)
+def test_predict_equals_the_dense_posterior(solver, rtol):
+    for noise_kind, dim in (("isotropic", 3), ("per_point_rank_deficient", 3), ("per_point", 1)):
+        kernel, x, y, nz, mean = make_markov_problem("scaled_sum", noise_kind, 2, dim).args()
+        x_new = jnp.concatenate([x[:2], x[:3] + 0.37, jnp.array([0.01, 5.0], x.dtype)])
+        got = gg.predict(kernel, x, y, nz, x_new, mean=mean, solver=solver)
+        want = gg.predict(kernel, x, y, nz, x_new, mean=mean, solver="dense")
+        assert_trees_close(got, want, 10 * rtol, f"predict {noise_kind}")
+
+
+def test_vmap_jit_and_second_derivatives(x64):
+    problems = [make_markov_problem("curve", "per_point_rank_deficient", s, 3) for s in range(3)]
+    kernel, _, _, nz, mean = problems[0].args()
+    xs = jnp.stack([p.x for p in problems])
+    ys = jnp.stack([p.y for p in problems])
+    f = functools.partial(gg.log_marginal_likelihood, solver="markov")
+    batched = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=1), in_axes=(None, 0, 0, None, None)))(kernel, xs, ys, nz, mean)
+    for i in range(3):
+        want = jax.value_and_grad(gg.log_marginal_likelihood, argnums=1)(kernel, xs[i], ys[i], nz, mean, solver="dense")
+        assert_trees_close((batched[0][i], batched[1][i]), want, 1e-9 if x64 else 2e-3, f"batch {i}")
+    x, y = xs[0], ys[0]
+    hessian = jax.jit(jax.jacrev(jax.grad(lambda x_: f(kernel, x_, y, nz, mean))))(x)
+    reference = jax.hessian(lambda x_: gg.reference.log_marginal_likelihood(kernel, x_, y, nz, mean))(x)
+    np.testing.assert_allclose(hessian, reference, rtol=1e-7 if x64 else 2e-2, atol=1e-7 if x64 else 2e-2)
+
+
+def test_markov_forms_no_n_by_n_array():
+    """O(n) memory: nothing in the value-and-gradient has two axes of length n."""
+    n = 40
+    kernel, x, y, nz, mean = make_markov_problem("scaled_sum", "per_point_rank_deficient", 1, 3, n=n).args()
+    f = functools.partial(gg.log_marginal_likelihood, solver="markov")
+    jaxpr = jax.make_jaxpr(jax.grad(f, argnums=ALL_ARGS))(kernel, x, y, nz, mean)
+    shapes = set()
+
+    def collect(jaxpr):
+        for eqn in jaxpr.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                collect(sub)
+
+    collect(jaxpr.jaxpr)
+    assert any(n in s for s in shapes)
+    assert not any(s.count(n) >= 2 for s in shapes), sorted(s for s in shapes if s.count(n) >= 2)
+
+
+def test_float32_long_curve_is_close_to_float64(x64):
+    """The benchmark's camera-ray curve at n = 10⁴: float32 value and gradient within 1e-3 of float64."""
+    if not x64:
+        pytest.skip("needs float64 for the comparison")
+    rng = np.random.default_rng(0)
+    n = 10_000
+    x = np.sort(rng.uniform(0.0, 10.0, n))
+    y = np.stack([np.cos(x), np.sin(x), 0.3 * x], axis=1) + 0.1 * rng.normal(size=(n, 3))
+    rays = rng.normal(size=(n, 3))
+    rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+    blocks = (np.eye(3) - rays[:, :, None] * rays[:, None, :]) / 0.1
+    kernel = kernels.CubicSpline(1.0) + kernels.Linear(1.0) + kernels.Constant(1.0)
+    f = jax.jit(jax.value_and_grad(functools.partial(gg.log_marginal_likelihood, solver="markov"), argnums=1))
+    results = {}
+    for dtype in (jnp.float32, jnp.float64):
+        cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        results[dtype] = f(jax.tree_util.tree_map(cast, kernel), cast(x), cast(y), noise.PerPoint(cast(blocks)))
+    (v32, g32), (v64, g64) = results[jnp.float32], results[jnp.float64]
+    assert np.isfinite(v32) and np.all(np.isfinite(g32))
+    assert abs(float(v32) - float(v64)) <= 1e-3 * abs(float(v64))
+    assert np.linalg.norm(np.asarray(g32, np.float64) - g64) <= 1e-3 * np.linalg.norm(g64)
+
+
+# ------------------------------------------------------------ solver choice
+
+
+@pytest.mark.parametrize(
+    "kernel, nz, x, fragment",
+    [
+        (kernels.ExpSquared(1.0, 1.0), noise.Isotropic(0.3), jnp.linspace(0, 1, 5), "ExpSquared has no state-space form"),
+        (kernels.Matern32(1.0, 1.0) * kernels.Matern52(1.0, 1.0), noise.Isotropic(0.3), jnp.linspace(0, 1, 5), "Product(Matern32, Matern52)"),
+        (kernels.Matern32(1.0, 1.0), noise.Dense(jnp.eye(5)), jnp.linspace(0, 1, 5), "noise.Dense is not block diagonal"),
+        (kernels.Matern32(1.0, 1.0), noise.Isotropic(0.3), jnp.ones((5, 2)), "scalar indices"),
+    ],
+)
+@pytest.mark.parametrize("solver", MARKOV_SOLVERS)
+def test_markov_solver_refuses_what_it_cannot_do(kernel, nz, x, fragment, solver):
+    y = jnp.zeros(5)
+    for fn in (gg.log_marginal_likelihood, gg.index_gradient):
+        with pytest.raises(ValueError, match=f"solver='{solver}'") as info:
+            fn(kernel, x, y, nz, solver=solver)
+        assert fragment in str(info.value)
+    # "auto" falls back to the dense solver instead.
+    auto = gg.log_marginal_likelihood(kernel, x, y, nz)
+    np.testing.assert_allclose(auto, gg.log_marginal_likelihood(kernel, x, y, nz, solver="dense"))
+
+
+def test_unknown_solver_name():
+    with pytest.raises(ValueError, match="`solver` must be one of 'auto', 'dense', 'markov', 'markov-parallel'; got 'kalman'"):
+        gg.log_marginal_likelihood(kernels.Matern32(1.0, 1.0), jnp.ones(3), jnp.ones(3), noise.Isotropic(1.0), solver="kalman")
+
+
+def test_auto_picks_markov_for_long_curves_and_dense_for_short_ones():
+    kernel, nz = kernels.Matern32(1.0, 1.0), noise.Isotropic(0.3)
+    assert resolve("auto", kernel, nz, jnp.ones(1000)).name == "markov"
+    assert resolve("auto", kernel, nz, jnp.ones(4)).name == "dense"
+    assert resolve("auto", kernels.ExpSquared(1.0, 1.0), nz, jnp.ones(1000)).name == "dense"
