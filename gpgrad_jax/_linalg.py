@@ -53,12 +53,15 @@ def cho_inverse(chol):
 
 
 def small_matmul(a, b):
-    """``a @ b`` (batched) for matrices of a few rows, as an unrolled sum of broadcast products.
+    """``a @ b`` (batched) for the state-space solver's small matrices.
 
-    For the state-space solver's 1×1 … 15×15 matrices XLA:CPU fuses this into the surrounding
-    elementwise work; a ``dot`` per step inside a ``lax.scan`` that also writes outputs
-    measured 20× slower, and a broadcast-and-reduce 8× slower over a batch.
+    Up to 8 columns of ``a`` it is an unrolled sum of broadcast products, which XLA:CPU fuses
+    into the surrounding elementwise work: a ``dot`` per step inside a ``lax.scan`` that also
+    writes outputs measured 20× slower, and a broadcast-and-reduce 8× slower over a batch.
+    Larger matrices use ``matmul`` (the unrolled form would only lengthen compilation).
     """
+    if a.shape[-1] > 8:
+        return jnp.matmul(a, b)
     return sum(a[..., :, j, None] * b[..., None, j, :] for j in range(a.shape[-1]))
 
 

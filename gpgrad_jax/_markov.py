@@ -431,7 +431,7 @@ def _unsort(values, order):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def log_marginal_likelihood(parallel, kernel, noise, x, r):
+def _log_marginal_likelihood(parallel, kernel, noise, x, r):
     """``L`` by the Kalman filter; its ``custom_vjp`` is the closed form from the smoother."""
     return _forward(parallel, kernel, noise, x, r)[0]
 
@@ -464,9 +464,12 @@ def _lml_bwd(parallel, residuals, g):
     return kernel_bar, noise_bar, x_bar, r_bar
 
 
-log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd)
+_log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd)
+# Jitted so that eager callers compile once per shape instead of dispatching every small op.
+log_marginal_likelihood = jax.jit(_log_marginal_likelihood, static_argnums=0)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def index_gradient(parallel, kernel, noise, x, r):
     """``(L, ∇ₓL)`` from the filter and smoother, evaluated explicitly."""
     value, (model, filtered) = _forward(parallel, kernel, noise, x, r)
@@ -477,6 +480,7 @@ def index_gradient(parallel, kernel, noise, x, r):
     return value, _unsort(grad_x, model.order)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def posterior_marginals(parallel, kernel, noise, x, r, x_new):
     """Posterior mean ``(n_new, p, q)`` and ``Cov(f | y)`` ``(n_new, p, p)`` at ``x_new``:
     the new indices join the filter as points with zero precision."""

@@ -33,30 +33,43 @@ def _value_and_grads(solver, *args):
     return jax.value_and_grad(fn, argnums=ALL_ARGS)(*args)
 
 
-@jax.jit
-def markov_and_dense(*args):
-    """One compilation per shape and structure: both Markov solvers, their explicit gradient, dense."""
+@functools.partial(jax.jit, static_argnums=0)
+def against_dense(solver, *args):
+    """One compilation per shape and structure: the solver's rule, its explicit gradient, dense."""
     return (
-        {s: _value_and_grads(s, *args) for s in MARKOV_SOLVERS},
-        {s: gg.index_gradient(*args, solver=s) for s in MARKOV_SOLVERS},
+        _value_and_grads(solver, *args),
+        gg.index_gradient(*args, solver=solver),
         _value_and_grads("dense", *args),
     )
+
+
+def _check_against_dense(solver, problem, rtol):
+    (value, grads), explicit, (ref_value, ref_grads) = against_dense(solver, *problem.args())
+    assert_trees_close(value, ref_value, rtol, f"{solver} value")
+    for name, grad, ref in zip(("kernel", "x", "y", "noise", "mean"), grads, ref_grads):
+        assert_trees_close(grad, ref, rtol, f"{solver} d/d{name}")
+    assert_trees_close(explicit, (ref_value, ref_grads[1]), rtol, f"{solver} index_gradient")
 
 
 @pytest.mark.parametrize("noise_kind", MARKOV_NOISES)
 @pytest.mark.parametrize("kernel_name", sorted(MARKOV_KERNELS))
 @given(seed=seeds, dim=data_dims)
-def test_markov_solvers_equal_the_dense_solver(kernel_name, noise_kind, seed, dim, rtol):
+def test_markov_solver_equals_the_dense_solver(kernel_name, noise_kind, seed, dim, rtol):
     """Value and the cotangent of every input, for unsorted indices with ties and rank-deficient
     or zero noise blocks: 1e-9 relative in float64."""
-    problem = make_markov_problem(kernel_name, noise_kind, seed, dim)
-    markov, explicit, (ref_value, ref_grads) = markov_and_dense(*problem.args())
-    for solver in MARKOV_SOLVERS:
-        value, grads = markov[solver]
-        assert_trees_close(value, ref_value, rtol, f"{solver} value")
-        for name, grad, ref in zip(("kernel", "x", "y", "noise", "mean"), grads, ref_grads):
-            assert_trees_close(grad, ref, rtol, f"{solver} d/d{name}")
-        assert_trees_close(explicit[solver], (ref_value, ref_grads[1]), rtol, f"{solver} index_gradient")
+    _check_against_dense("markov", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
+
+
+@pytest.mark.parametrize(
+    "kernel_name, noise_kind, dim",
+    [("scaled_sum", "per_point_rank_deficient", 3), ("curve", "isotropic", 3), ("matern52", "per_point", 1)],
+)
+@settings(max_examples=4)
+@given(seed=seeds)
+def test_parallel_solver_equals_the_dense_solver(kernel_name, noise_kind, dim, seed, rtol):
+    """The associative scans share everything after the filter and smoother with ``"markov"``:
+    a few structures suffice."""
+    _check_against_dense("markov-parallel", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
 
 
 def _central_difference(f, x, eps=1e-6):
