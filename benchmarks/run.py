@@ -67,13 +67,18 @@ import numpy as np  # noqa: E402
 
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
-from gpgrad_jax._likelihood import _factor, _prepare  # noqa: E402
+from gpgrad_jax._likelihood import prepare  # noqa: E402
+from gpgrad_jax._solvers import resolve  # noqa: E402
 
 
-def plain_autodiff_value(kernel, x, y, nz):
-    """The same forward computation as the library's value, with no custom rule."""
-    kernel, nz, x, r = _prepare(kernel, x, y, nz, None)
-    return _factor(kernel, nz, x, r)[0]
+def plain_autodiff_value(kernel, x, y, nz, solver="dense"):
+    """The same forward computation as the library's value (``solver``), with no custom rule."""
+    kernel, nz, x, r = prepare(kernel, x, y, nz, None)
+    return resolve(solver, kernel, nz, x).plain_log_marginal_likelihood(kernel, nz, x, r)
+
+
+def dense_value(kernel, x, y, nz):
+    return gg.log_marginal_likelihood(kernel, x, y, nz, solver="dense")
 
 
 def curve_problem(n, dim, seed=0):
@@ -159,14 +164,17 @@ def _relative_difference(a, b, scale):
     return float(jnp.max(jnp.abs(jnp.asarray(a) - jnp.asarray(b))) / scale)
 
 
+# The dense solver's series (the Markov solver has benchmarks/markov.py).
+DENSE_FUNCTIONS = {
+    "value": dense_value,
+    "closed": _grad_x(dense_value),
+    "autodiff": _grad_x(plain_autodiff_value),
+}
+
+
 def bench_curve(n, dim, repeats):
     args = curve_problem(n, dim)
-    functions = {
-        "value": gg.log_marginal_likelihood,
-        "closed": _grad_x(gg.log_marginal_likelihood),
-        "autodiff": _grad_x(plain_autodiff_value),
-    }
-    rows, outputs = _bench(args, functions, repeats)
+    rows, outputs = _bench(args, DENSE_FUNCTIONS, repeats)
     g_closed, g_auto = outputs["closed"][1], outputs["autodiff"][1]
     return rows, _relative_difference(g_closed, g_auto, float(jnp.max(jnp.abs(g_auto))))
 
@@ -174,18 +182,14 @@ def bench_curve(n, dim, repeats):
 def bench_se(n, repeats, peers):
     kernel, x, y, nz = se_problem(n)
     args = (kernel, x, y, nz)
-    functions = {
-        "value": gg.log_marginal_likelihood,
-        "closed": _grad_x(gg.log_marginal_likelihood),
-        "autodiff": _grad_x(plain_autodiff_value),
-    }
+    functions = dict(DENSE_FUNCTIONS)
     extra = {}
     if "tinygp" in peers:
         import tinygp
 
         peer_kernel = tinygp.kernels.ExpSquared(scale=0.7)
 
-        def tinygp_lml(k, x_, y_, nz_):
+        def tinygp_lml(_kernel, x_, y_, _noise):  # the peer's own kernel and noise, same values
             return tinygp.GaussianProcess(peer_kernel, x_, diag=0.3**2).log_probability(y_)
 
         functions["tinygp"] = _grad_x(tinygp_lml)
