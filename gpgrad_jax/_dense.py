@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 from gpgrad_jax._linalg import cho_inverse, cho_inverse_lower, symmetrize_lower
+from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._validation import check_factorization, check_finite_result
 
 Array = Any
@@ -93,30 +94,36 @@ def _log_marginal_likelihood(kernel, noise, x, r):
 
 
 def _lml_fwd(kernel, noise, x, r):
+    # symbolic_zeros: the kernel's and the noise's cotangents are computed only when asked for
+    # (eager calls get no dead-code elimination).
+    (kernel, kernel_wanted), (noise, noise_wanted), (x, _), (r, _) = map(unwrap_primals, (kernel, noise, x, r))
     fac = factor(kernel, noise, x, r)
-    return fac.value, (kernel, noise, x, r, fac)
+    return fac.value, (kernel_wanted, noise_wanted, kernel, noise, x, r, fac)
 
 
 def _lml_bwd(residuals, g):
-    kernel, noise, x, r, fac = residuals
+    kernel_wanted, noise_wanted, kernel, noise, x, r, fac = residuals
     dim = r.shape[1]
     q = fac.alpha.shape[1]
     terms = index_terms(kernel, noise, x, fac, dim)
-    u_inv = symmetrize_lower(terms.u_inv) if terms.lower_only else terms.u_inv
 
-    # Kernel parameters: contract K̄ = ½(ZZᵀ − M̃) with ∂K/∂θ (x held fixed).
-    kernel_matrix, kernel_vjp = jax.vjp(lambda k: k.matrix(x, x), kernel)
-    (kernel_bar,) = kernel_vjp(0.5 * g * (terms.z @ terms.z.T - terms.m_trace))
-
-    # Noise parameters: through w = S r (w̄ = −α) and U_c = I + core(K) (Ū).
-    u_bar = 0.5 * g * (fac.alpha @ fac.alpha.T - q * u_inv)
-    _, noise_vjp = jax.vjp(lambda s: (s.whiten(r), s.core(kernel_matrix, dim)), noise)
-    (noise_bar,) = noise_vjp((-g * fac.alpha, u_bar))
+    kernel_bar = noise_bar = None
+    if kernel_wanted or noise_wanted:
+        kernel_matrix, kernel_vjp = jax.vjp(lambda k: k.matrix(x, x), kernel)
+    if kernel_wanted:
+        # Kernel parameters: contract K̄ = ½(ZZᵀ − M̃) with ∂K/∂θ (x held fixed).
+        (kernel_bar,) = kernel_vjp(0.5 * g * (terms.z @ terms.z.T - terms.m_trace))
+    if noise_wanted:
+        # Noise parameters: through w = S r (w̄ = −α) and U_c = I + core(K) (Ū).
+        u_inv = symmetrize_lower(terms.u_inv) if terms.lower_only else terms.u_inv
+        u_bar = 0.5 * g * (fac.alpha @ fac.alpha.T - q * u_inv)
+        _, noise_vjp = jax.vjp(lambda s: (s.whiten(r), s.core(kernel_matrix, dim)), noise)
+        (noise_bar,) = noise_vjp((-g * fac.alpha, u_bar))
 
     return kernel_bar, noise_bar, g * terms.grad_x, -g * terms.z
 
 
-_log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd)
+_log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd, symbolic_zeros=True)
 
 
 class DenseSolver:

@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 
 from gpgrad_jax._linalg import small_matmul as _mm
+from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._statespace import Matern, Polynomial, state_space, unit_cubic_noise
+from gpgrad_jax._validation import check_finite_value
 
 Array = Any
 
@@ -420,6 +422,7 @@ def _setup(kernel, noise, x, r):
     return components, layout, model
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _forward(parallel, kernel, noise, x, r):
     components, layout, model = _setup(kernel, noise, x, r)
     filtered = (filter_parallel if parallel else filter_sequential)(model)
@@ -431,42 +434,54 @@ def _unsort(values, order):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _log_marginal_likelihood(parallel, kernel, noise, x, r):
+def log_marginal_likelihood(parallel, kernel, noise, x, r):
     """``L`` by the Kalman filter; its ``custom_vjp`` is the closed form from the smoother."""
-    return _forward(parallel, kernel, noise, x, r)[0]
+    value = _forward(parallel, kernel, noise, x, r)[0]
+    check_finite_value(value)
+    return value
 
 
 def _lml_fwd(parallel, kernel, noise, x, r):
+    # symbolic_zeros: each argument says whether anybody asked for its cotangent; the
+    # kernel's and the noise's are computed only then (eager calls get no dead-code elimination).
+    (kernel, kernel_wanted), (noise, noise_wanted), (x, _), (r, _) = map(unwrap_primals, (kernel, noise, x, r))
     value, state = _forward(parallel, kernel, noise, x, r)
-    return value, (kernel, noise, x, r, state)
+    check_finite_value(value)
+    return value, (kernel if kernel_wanted else None, noise if noise_wanted else None, kernel, noise, x, r, state)
 
 
 def _lml_bwd(parallel, residuals, g):
-    kernel, noise, x, r, (model, filtered) = residuals
+    kernel_wanted, noise_wanted, kernel, noise, x, r, state = residuals
+    return _backward(parallel, kernel_wanted is not None, noise_wanted is not None, kernel, noise, x, r, state, g)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _backward(parallel, want_kernel, want_noise, kernel, noise, x, r, state, g):
+    model, filtered = state
     n, dim = r.shape
     components = state_space(kernel)
     layout = _layout(components, r.dtype)
     smoothed = smooth(filtered, model, parallel)
     grad_x, terms, marginals = marginal_terms(smoothed, model, layout, components)
 
-    component_bar = component_cotangents(components, layout, terms, smoothed, model)
-    _, kernel_vjp = jax.vjp(state_space, kernel)
-    (kernel_bar,) = kernel_vjp(jax.tree_util.tree_map(lambda c: g * c, component_bar))
-
-    q = model.residual.shape[-1]
-    spread = _mm(marginals.residual, _t(marginals.residual)) + q * marginals.f_cov
-    blocks_bar = _unsort(-_mm(model.blocks, spread), model.order)
-    _, noise_vjp = jax.vjp(lambda nz: nz.observation_blocks(n, dim)[0], noise)
-    (noise_bar,) = noise_vjp(g * blocks_bar)
+    kernel_bar = noise_bar = None
+    if want_kernel:
+        component_bar = component_cotangents(components, layout, terms, smoothed, model)
+        _, kernel_vjp = jax.vjp(state_space, kernel)
+        (kernel_bar,) = kernel_vjp(jax.tree_util.tree_map(lambda c: g * c, component_bar))
+    if want_noise:
+        q = model.residual.shape[-1]
+        spread = _mm(marginals.residual, _t(marginals.residual)) + q * marginals.f_cov
+        blocks_bar = _unsort(-_mm(model.blocks, spread), model.order)
+        _, noise_vjp = jax.vjp(lambda nz: nz.observation_blocks(n, dim)[0], noise)
+        (noise_bar,) = noise_vjp(g * blocks_bar)
 
     x_bar = g * _unsort(grad_x, model.order)
     r_bar = -g * _unsort(marginals.z, model.order).reshape(n, dim)
     return kernel_bar, noise_bar, x_bar, r_bar
 
 
-_log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd)
-# Jitted so that eager callers compile once per shape instead of dispatching every small op.
-log_marginal_likelihood = jax.jit(_log_marginal_likelihood, static_argnums=0)
+log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd, symbolic_zeros=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -516,7 +531,9 @@ class MarkovSolver:
         return _forward(self.parallel, kernel, noise, x, r)[0]
 
     def index_gradient(self, kernel, noise, x, r):
-        return index_gradient(self.parallel, kernel, noise, x, r)
+        value, grad_x = index_gradient(self.parallel, kernel, noise, x, r)
+        check_finite_value(value)
+        return value, grad_x
 
     def predict(self, kernel, noise, x, r, x_new):
         """Posterior mean offset and per-coordinate variance at ``x_new``, each ``(n_new, D)``."""

@@ -41,6 +41,20 @@ def check_finite_result(value: Any, quadratic: Any) -> None:
     )
 
 
+def check_finite_value(value: Any) -> None:
+    """Raise :class:`NumericalError` if a *concrete* state-space likelihood is not finite."""
+    concrete = _concrete(value)
+    if concrete is None or np.all(np.isfinite(concrete)):
+        return
+    raise NumericalError(
+        f"the state-space filter's log marginal likelihood is {concrete} in {concrete.dtype}: the "
+        "working precision cannot hold the state covariances (for the CubicSpline kernel they grow "
+        "like max(x)³·variance). Rescale the indices or the kernel variances, use "
+        "solver='dense' to get a condition number, or use float64: "
+        "jax.config.update('jax_enable_x64', True)."
+    )
+
+
 def check_factorization(chol: Any, u_core: Any) -> None:
     """Raise :class:`FactorizationError` with advice if a *concrete* factor of ``U`` is unusable.
 
