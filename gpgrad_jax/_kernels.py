@@ -19,16 +19,12 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
+from gpgrad_jax._pytree import pytree_dataclass
+
 Array = Any
 
 _SQRT3 = 3.0**0.5
 _SQRT5 = 5.0**0.5
-
-
-def _pytree_dataclass(cls):
-    """Make ``cls`` a frozen dataclass whose fields are all pytree leaves."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    return jax.tree_util.register_dataclass(cls)
 
 
 class Kernel(abc.ABC):
@@ -103,7 +99,7 @@ def _is_scalar(value: Any) -> bool:
 # ---------------------------------------------------------------- composition
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class Sum(Kernel):
     """``k(a, b) = k1(a, b) + k2(a, b)``."""
 
@@ -123,7 +119,7 @@ class Sum(Kernel):
         return _merge_parameters(self.k1, self.k2)
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class Product(Kernel):
     """``k(a, b) = k1(a, b) · k2(a, b)``; ``∂k/∂a = k1' k2 + k1 k2'``."""
 
@@ -154,7 +150,7 @@ def _merge_parameters(k1: Kernel, k2: Kernel) -> dict[str, Array]:
 # ------------------------------------------------------------- curve kernels
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class CubicSpline(Kernel):
     """Integrated Wiener process (cubic spline) kernel on scalar indices ``≥ 0``.
 
@@ -182,7 +178,7 @@ class CubicSpline(Kernel):
         return self.variance * m * (b - m / 2.0)
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class Linear(Kernel):
     """Linear (dot-product) kernel ``k(a, b) = σ² a·b``; ``∂k/∂a = σ² b``."""
 
@@ -195,7 +191,7 @@ class Linear(Kernel):
         return self.variance * jnp.broadcast_to(b, jnp.shape(a))
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class Constant(Kernel):
     """Constant (offset) kernel ``k(a, b) = σ²``; ``∂k/∂a = 0``."""
 
@@ -239,7 +235,7 @@ def _safe_sqrt(r2):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, r2, 1.0)), 0.0)
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class ExpSquared(Kernel):
     """Squared exponential kernel ``k = σ² exp(−r²/2)``, ``r = ‖a − b‖/ℓ``.
 
@@ -257,7 +253,7 @@ class ExpSquared(Kernel):
         return _times_scaled_offset(-self.evaluate(a, b), a, b, self.lengthscale)
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class Matern32(Kernel):
     """Matérn-3/2 kernel ``k = σ² (1 + √3 r) exp(−√3 r)``, ``r = ‖a − b‖/ℓ``.
 
@@ -277,7 +273,7 @@ class Matern32(Kernel):
         return _times_scaled_offset(-3.0 * self.variance * jnp.exp(-_SQRT3 * r), a, b, self.lengthscale)
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class Matern52(Kernel):
     """Matérn-5/2 kernel ``k = σ² (1 + √5 r + 5r²/3) exp(−√5 r)``, ``r = ‖a − b‖/ℓ``.
 

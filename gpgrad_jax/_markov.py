@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from gpgrad_jax._linalg import small_matmul as _mm
 from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._statespace import Matern, Polynomial, state_space, unit_cubic_noise
-from gpgrad_jax._validation import check_finite_value
+from gpgrad_jax._validation import check_finite_value, check_state_space_conditioning
 
 Array = Any
 
@@ -433,11 +433,27 @@ def _unsort(values, order):
     return jnp.zeros_like(values).at[order].set(values)
 
 
+@jax.jit
+def _largest_innovation_scale(model: Model, filtered: Filtered):
+    """``max_k λ_max(U_k)``: how far the prior variance exceeds the noise at the worst point."""
+    c = model.obs_matrix
+    u = jnp.eye(c.shape[-2], dtype=c.dtype) + _mm(_mm(c, filtered.cov), _t(c))
+    return jnp.max(jnp.trace(u, axis1=-2, axis2=-1))
+
+
+def _check(value, state):
+    """The eager checks of a concrete result (under ``jit`` they are skipped, as for dense)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    check_finite_value(value)
+    check_state_space_conditioning(_largest_innovation_scale(*state))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def log_marginal_likelihood(parallel, kernel, noise, x, r):
     """``L`` by the Kalman filter; its ``custom_vjp`` is the closed form from the smoother."""
-    value = _forward(parallel, kernel, noise, x, r)[0]
-    check_finite_value(value)
+    value, state = _forward(parallel, kernel, noise, x, r)
+    _check(value, state)
     return value
 
 
@@ -446,7 +462,7 @@ def _lml_fwd(parallel, kernel, noise, x, r):
     # kernel's and the noise's are computed only then (eager calls get no dead-code elimination).
     (kernel, kernel_wanted), (noise, noise_wanted), (x, _), (r, _) = map(unwrap_primals, (kernel, noise, x, r))
     value, state = _forward(parallel, kernel, noise, x, r)
-    check_finite_value(value)
+    _check(value, state)
     return value, (kernel if kernel_wanted else None, noise if noise_wanted else None, kernel, noise, x, r, state)
 
 
@@ -484,15 +500,21 @@ def _backward(parallel, want_kernel, want_noise, kernel, noise, x, r, state, g):
 log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd, symbolic_zeros=True)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def index_gradient(parallel, kernel, noise, x, r):
     """``(L, ∇ₓL)`` from the filter and smoother, evaluated explicitly."""
-    value, (model, filtered) = _forward(parallel, kernel, noise, x, r)
+    value, state = _forward(parallel, kernel, noise, x, r)
+    _check(value, state)
+    return value, _explicit_gradient(parallel, kernel, r, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _explicit_gradient(parallel, kernel, r, state):
+    model, filtered = state
     components = state_space(kernel)
     layout = _layout(components, r.dtype)
     smoothed = smooth(filtered, model, parallel)
     grad_x, _, _ = marginal_terms(smoothed, model, layout, components)
-    return value, _unsort(grad_x, model.order)
+    return _unsort(grad_x, model.order)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -531,9 +553,7 @@ class MarkovSolver:
         return _forward(self.parallel, kernel, noise, x, r)[0]
 
     def index_gradient(self, kernel, noise, x, r):
-        value, grad_x = index_gradient(self.parallel, kernel, noise, x, r)
-        check_finite_value(value)
-        return value, grad_x
+        return index_gradient(self.parallel, kernel, noise, x, r)
 
     def predict(self, kernel, noise, x, r, x_new):
         """Posterior mean offset and per-coordinate variance at ``x_new``, each ``(n_new, D)``."""

@@ -13,25 +13,27 @@ likelihood needs.  ``U = I + S (K ⊗ I_D) Sᵀ`` is represented by its *core*
 
 ``S`` may be rank deficient (a 3-D point seen along one camera ray has a
 rank-2 precision): ``U``'s eigenvalues are still ``≥ 1``.
+
+The maps above are the dense solver's interface.  The state-space solvers need each
+point's own block instead: :class:`BlockDiagonal` noises (``Isotropic``, ``PerPoint``)
+provide it; ``Dense`` cannot, and the solver choice says so.
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from gpgrad_jax._pytree import pytree_dataclass
 
 Array = Any
 
 
 class Noise(abc.ABC):
-    """Abstract base of the noise models (see the module docstring)."""
-
-    #: True when ``S`` is block diagonal per point (the state-space solvers need it).
-    block_diagonal: ClassVar[bool] = False
+    """Abstract base of the noise models: shapes, parameters and the dense solver's maps."""
 
     @abc.abstractmethod
     def core_shape(self, n: int, dim: int) -> tuple[int, int]:
@@ -80,17 +82,6 @@ class Noise(abc.ABC):
         """Parameters that must be strictly positive, by name."""
         return {}
 
-    def observation_blocks(self, n: int, dim: int) -> tuple[Array, int]:
-        """``(B, q)`` for the state-space solvers: per-point blocks ``B`` of shape ``(n, p, p)``
-        acting on each point's residual reshaped to ``(p, q)``, ``p·q = D``.
-
-        Only block-diagonal ``S`` has them; the default raises a clear error.
-        """
-        raise ValueError(
-            f"noise.{type(self).__name__} is not block diagonal per point, so the state-space "
-            "solvers (solver='markov', 'markov-parallel') cannot use it; use solver='dense' "
-            "(or 'auto', which falls back to it), or Isotropic / PerPoint noise"
-        )
 
     def log_abs_det(self, n: int, dim: int) -> Array:
         """``log|det S|`` for a square ``S`` (``−inf`` if ``S`` is singular).
@@ -103,12 +94,21 @@ class Noise(abc.ABC):
         return jnp.linalg.slogdet(self.dense_matrix(n, dim))[1]
 
 
-def _pytree_dataclass(cls):
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+class BlockDiagonal(Noise):
+    """Noise whose ``S`` is block diagonal per point: what the state-space solvers need.
+
+    Besides the dense solver's maps above it gives each point's own block.
+    """
+
+    @abc.abstractmethod
+    def observation_blocks(self, n: int, dim: int) -> tuple[Array, int]:
+        """``(B, q)``: per-point blocks ``B`` of shape ``(n, p, p)`` acting on each point's
+        residual reshaped to ``(p, q)``, ``p·q = D`` (``q > 1`` when the ``D`` coordinates are
+        independent with one shared block, as for :class:`Isotropic`)."""
 
 
-@_pytree_dataclass
-class Isotropic(Noise):
+@pytree_dataclass
+class Isotropic(BlockDiagonal):
     """Independent noise of standard deviation ``sigma`` on every coordinate: ``S = I/σ``.
 
     Example:
@@ -119,7 +119,6 @@ class Isotropic(Noise):
     """
 
     sigma: Array
-    block_diagonal: ClassVar[bool] = True
 
     def core_shape(self, n, dim):
         return n, dim
@@ -159,8 +158,8 @@ class Isotropic(Noise):
         return jnp.broadcast_to(1.0 / self.sigma, (n, 1, 1)), dim
 
 
-@_pytree_dataclass
-class PerPoint(Noise):
+@pytree_dataclass
+class PerPoint(BlockDiagonal):
     """Per-point precision square roots ``B_i`` (``S = blockdiag(B_1 … B_n)``).
 
     ``blocks`` has shape ``(n, D, D)``; for 1-D data also ``(n,)`` (``B_i`` a
@@ -178,7 +177,6 @@ class PerPoint(Noise):
     """
 
     blocks: Array
-    block_diagonal: ClassVar[bool] = True
 
     def _blocks3(self, dim):
         return jnp.reshape(self.blocks, (-1, dim, dim))
@@ -241,7 +239,7 @@ class PerPoint(Noise):
             )
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class Dense(Noise):
     """A general precision square root ``S`` of shape ``(m, n·D)``.
 

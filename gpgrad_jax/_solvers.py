@@ -11,6 +11,7 @@ import jax
 
 from gpgrad_jax._dense import DenseSolver
 from gpgrad_jax._markov import MarkovSolver
+from gpgrad_jax._noise import BlockDiagonal
 from gpgrad_jax._statespace import NoStateSpaceForm, state_space
 
 SOLVERS = ("auto", "dense", "markov", "markov-parallel")
@@ -27,7 +28,7 @@ def markov_obstacle(kernel, noise, x) -> str | None:
     """Why the state-space solvers cannot take this problem, or ``None`` when they can."""
     if x.ndim != 1:
         return f"they need scalar indices, `x` has shape {x.shape}"
-    if not noise.block_diagonal:
+    if not isinstance(noise, BlockDiagonal):
         return (
             f"noise.{type(noise).__name__} is not block diagonal per point (use Isotropic or "
             "PerPoint noise)"

@@ -30,10 +30,10 @@ import dataclasses
 import functools
 from typing import Any, ClassVar
 
-import jax
 import jax.numpy as jnp
 
 from gpgrad_jax._linalg import small_matmul
+from gpgrad_jax._pytree import pytree_dataclass
 from gpgrad_jax._kernels import (
     Constant,
     CubicSpline,
@@ -52,25 +52,13 @@ class NoStateSpaceForm(ValueError):
     """The kernel has no state-space form, so the Markov solvers cannot use it."""
 
 
-def _component(cls=None, *, static=()):
-    """A frozen dataclass pytree: ``static`` fields are structure, the others parameters."""
-
-    def wrap(cls):
-        cls = dataclasses.dataclass(frozen=True)(cls)
-        fields = [f.name for f in dataclasses.fields(cls)]
-        return jax.tree_util.register_dataclass(
-            cls, data_fields=[f for f in fields if f not in static], meta_fields=list(static)
-        )
-
-    return wrap if cls is None else wrap(cls)
-
-
 def _matrix(rows, like):
     """A small matrix from nested lists of scalars (numbers or arrays broadcast to ``like``)."""
-    return jnp.stack([jnp.stack([jnp.broadcast_to(jnp.asarray(v, like.dtype), like.shape) for v in row], -1) for row in rows], -2)
+    entry = lambda v: jnp.broadcast_to(jnp.asarray(v, like.dtype), like.shape)  # noqa: E731
+    return jnp.stack([jnp.stack([entry(v) for v in row], -1) for row in rows], -2)
 
 
-@_component
+@pytree_dataclass
 class Polynomial:
     """``CubicSpline(cubic) + Linear(linear) + Constant(constant)`` as one 2-state block."""
 
@@ -102,7 +90,7 @@ def unit_cubic_noise(h):
     return _matrix([[h2 * h / 3.0, h2 / 2.0], [h2 / 2.0, h]], h)
 
 
-@_component(static=("order",))
+@pytree_dataclass(static=("order",))
 class Matern:
     """A Matérn-``order/2`` block (``order`` 3 or 5) with variance and lengthscale."""
 

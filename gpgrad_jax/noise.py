@@ -1,5 +1,5 @@
 """Noise models, as square roots ``S`` of the noise precision ``Λ = SᵀS``."""
 
-from gpgrad_jax._noise import Dense, Isotropic, Noise, PerPoint
+from gpgrad_jax._noise import BlockDiagonal, Dense, Isotropic, Noise, PerPoint
 
-__all__ = ["Dense", "Isotropic", "Noise", "PerPoint"]
+__all__ = ["BlockDiagonal", "Dense", "Isotropic", "Noise", "PerPoint"]
