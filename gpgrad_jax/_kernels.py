@@ -2,7 +2,7 @@
 
 Every kernel evaluates ``k(a, b)`` on *single* index points (a scalar, or a
 vector of length ``d``) and supplies ``grad_first(a, b) = ∂k(a, b)/∂a`` — the
-seed's ``δ`` — in closed form.  The closed form is exact and finite at
+row of ``Δ`` in the index gradient — in closed form.  The closed form is exact and finite at
 ``a == b`` (where an autodiff through ``sqrt(‖a − b‖²)`` would give NaN), and
 is what the custom VJP of the likelihood uses for the index-set gradient.
 
@@ -13,7 +13,6 @@ Kernels are registered dataclass pytrees: their parameters are leaves, so
 from __future__ import annotations
 
 import abc
-import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -45,6 +44,10 @@ class Kernel(abc.ABC):
 
     #: True for kernels defined only on scalar indices (e.g. the cubic spline).
     scalar_index_only: ClassVar[bool] = False
+    #: True for kernels defined only on indices ``≥ 0`` (positions from a curve's start).
+    nonnegative_index: ClassVar[bool] = False
+    #: Names of the fields that must be strictly positive.
+    positive_fields: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def evaluate(self, a: Array, b: Array) -> Array:
@@ -54,17 +57,17 @@ class Kernel(abc.ABC):
     def grad_first(self, a: Array, b: Array) -> Array:
         """``∂k(a, b)/∂a``, hand-derived; same shape as ``a``."""
 
+    def parts(self) -> list[Kernel]:
+        """The elementary kernels this one is built from (itself unless composite)."""
+        return [self]
+
     def requires_scalar_index(self) -> bool:
         """Whether any part of this kernel accepts scalar indices only."""
-        return self.scalar_index_only
+        return any(part.scalar_index_only for part in self.parts())
 
     def positive_parameters(self) -> dict[str, Array]:
         """Parameters that must be strictly positive, by dotted name."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)  # type: ignore[arg-type]
-            if f.name in ("variance", "lengthscale")
-        }
+        return {name: getattr(self, name) for name in self.positive_fields}
 
     def matrix(self, x1: Array, x2: Array) -> Array:
         """Gram matrix ``K[i, j] = k(x1[i], x2[j])``, shape ``(n1, n2)``."""
@@ -99,8 +102,20 @@ def _is_scalar(value: Any) -> bool:
 # ---------------------------------------------------------------- composition
 
 
+class _Composite(Kernel):
+    """A kernel made of two others, the fields ``k1`` and ``k2`` of its dataclass subclasses."""
+
+    def parts(self):
+        return self.k1.parts() + self.k2.parts()
+
+    def positive_parameters(self):
+        merged = {f"k1.{name}": v for name, v in self.k1.positive_parameters().items()}
+        merged.update({f"k2.{name}": v for name, v in self.k2.positive_parameters().items()})
+        return merged
+
+
 @pytree_dataclass
-class Sum(Kernel):
+class Sum(_Composite):
     """``k(a, b) = k1(a, b) + k2(a, b)``."""
 
     k1: Kernel
@@ -112,15 +127,9 @@ class Sum(Kernel):
     def grad_first(self, a, b):
         return self.k1.grad_first(a, b) + self.k2.grad_first(a, b)
 
-    def requires_scalar_index(self):
-        return self.k1.requires_scalar_index() or self.k2.requires_scalar_index()
-
-    def positive_parameters(self):
-        return _merge_parameters(self.k1, self.k2)
-
 
 @pytree_dataclass
-class Product(Kernel):
+class Product(_Composite):
     """``k(a, b) = k1(a, b) · k2(a, b)``; ``∂k/∂a = k1' k2 + k1 k2'``."""
 
     k1: Kernel
@@ -133,18 +142,6 @@ class Product(Kernel):
         return self.k1.grad_first(a, b) * self.k2.evaluate(a, b) + self.k1.evaluate(
             a, b
         ) * self.k2.grad_first(a, b)
-
-    def requires_scalar_index(self):
-        return self.k1.requires_scalar_index() or self.k2.requires_scalar_index()
-
-    def positive_parameters(self):
-        return _merge_parameters(self.k1, self.k2)
-
-
-def _merge_parameters(k1: Kernel, k2: Kernel) -> dict[str, Array]:
-    merged = {f"k1.{name}": v for name, v in k1.positive_parameters().items()}
-    merged.update({f"k2.{name}": v for name, v in k2.positive_parameters().items()})
-    return merged
 
 
 # ------------------------------------------------------------- curve kernels
@@ -165,6 +162,8 @@ class CubicSpline(Kernel):
 
     variance: Array = 1.0
     scalar_index_only: ClassVar[bool] = True
+    nonnegative_index: ClassVar[bool] = True
+    positive_fields: ClassVar[tuple[str, ...]] = ("variance",)
 
     def evaluate(self, a, b):
         # m³/3 + |a − b| m²/2 = M m²/2 − m³/6 with m = min, M = max.  Written as
@@ -183,6 +182,7 @@ class Linear(Kernel):
     """Linear (dot-product) kernel ``k(a, b) = σ² a·b``; ``∂k/∂a = σ² b``."""
 
     variance: Array = 1.0
+    positive_fields: ClassVar[tuple[str, ...]] = ("variance",)
 
     def evaluate(self, a, b):
         return self.variance * jnp.sum(a * b)
@@ -196,6 +196,7 @@ class Constant(Kernel):
     """Constant (offset) kernel ``k(a, b) = σ²``; ``∂k/∂a = 0``."""
 
     variance: Array = 1.0
+    positive_fields: ClassVar[tuple[str, ...]] = ("variance",)
 
     def evaluate(self, a, b):
         return self.variance * jnp.ones((), jnp.result_type(a, b))
@@ -245,6 +246,7 @@ class ExpSquared(Kernel):
 
     variance: Array = 1.0
     lengthscale: Array = 1.0
+    positive_fields: ClassVar[tuple[str, ...]] = ("variance", "lengthscale")
 
     def evaluate(self, a, b):
         return self.variance * jnp.exp(-0.5 * _scaled_sq_distance(a, b, self.lengthscale))
@@ -262,6 +264,7 @@ class Matern32(Kernel):
 
     variance: Array = 1.0
     lengthscale: Array = 1.0
+    positive_fields: ClassVar[tuple[str, ...]] = ("variance", "lengthscale")
 
     def evaluate(self, a, b):
         r = _safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale))
@@ -282,6 +285,7 @@ class Matern52(Kernel):
 
     variance: Array = 1.0
     lengthscale: Array = 1.0
+    positive_fields: ClassVar[tuple[str, ...]] = ("variance", "lengthscale")
 
     def evaluate(self, a, b):
         r = _safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale))

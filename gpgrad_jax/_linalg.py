@@ -17,7 +17,6 @@ instead of an ``m × m`` one).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
@@ -36,8 +35,6 @@ def cho_inverse_lower(chol):
         >>> bool(jnp.allclose(inverse @ u, jnp.eye(2), atol=1e-6))
         True
     """
-    if chol.ndim > 2:
-        return jax.vmap(cho_inverse_lower)(chol)
     return _gram_of_lower(_triangular_inverse(chol), full=False)
 
 
@@ -47,8 +44,6 @@ def cho_inverse(chol):
     The upper triangle is filled block by block during the recursion, transposing
     half as many entries as completing :func:`cho_inverse_lower` afterwards would.
     """
-    if chol.ndim > 2:
-        return jax.vmap(cho_inverse)(chol)
     return _gram_of_lower(_triangular_inverse(chol), full=True)
 
 

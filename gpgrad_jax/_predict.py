@@ -48,6 +48,10 @@ def predict(
     Returns:
         ``(mean, variance)``, each of shape ``(n_new,)`` for 1-D data or
         ``(n_new, D)`` (per coordinate: anisotropic noise makes them differ).
+        A variance that is zero in exact arithmetic (a noise-free observation, a
+        ``Constant`` kernel pinned by data) can come out as a rounding error of either sign,
+        at most about ``10³ · eps · k(x_new, x_new)``; it is returned as ``max(variance, 0)``
+        so that ``sqrt`` stays finite.
 
     Example:
         >>> import jax.numpy as jnp
@@ -55,7 +59,8 @@ def predict(
         >>> from gpgrad_jax import kernels, noise
         >>> x = jnp.linspace(0.1, 1.0, 5)
         >>> y = jnp.stack([x, x**2, jnp.sin(x)], axis=1)
-        >>> mu, var = gg.predict(kernels.CubicSpline(1.0) + kernels.Linear(1.0), x, y, noise.Isotropic(0.01), jnp.array([0.5]))
+        >>> k = kernels.CubicSpline(1.0) + kernels.Linear(1.0)
+        >>> mu, var = gg.predict(k, x, y, noise.Isotropic(0.01), jnp.array([0.5]))
         >>> mu.shape, var.shape
         ((1, 3), (1, 3))
     """

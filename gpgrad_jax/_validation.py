@@ -91,11 +91,11 @@ def check_factorization(chol: Any, u_core: Any) -> None:
         return
     # Only the pivots come to the host: a breakdown anywhere in the factorisation reaches
     # every later pivot, and copying the whole factor would cost O(m²) per eager call.
-    concrete = np.asarray(jnp.diagonal(chol, axis1=-2, axis2=-1))
-    eps = float(np.finfo(concrete.dtype).eps)
-    pivots = np.abs(concrete).astype(np.float64)
-    finite = np.all(np.isfinite(pivots))
-    cond_bound = float(np.max(pivots / np.min(pivots, axis=-1, keepdims=True)) ** 2) if finite else np.inf
+    pivots = np.abs(np.asarray(jnp.diagonal(chol))).astype(np.float64)
+    dtype = chol.dtype
+    eps = float(np.finfo(dtype).eps)
+    finite = bool(np.all(np.isfinite(pivots)))
+    cond_bound = float((pivots.max() / pivots.min()) ** 2) if finite else np.inf
     if finite and cond_bound * eps < 1.0:
         return
     u = np.asarray(u_core, np.float64)
@@ -103,11 +103,11 @@ def check_factorization(chol: Any, u_core: Any) -> None:
         cond = "infinite (U has non-finite entries: the kernel overflowed)"
     else:
         eig = np.linalg.eigvalsh(u)
-        cond = f"about {eig[..., -1].max() / max(eig[..., 0].min(), 1.0):.1e}"
+        cond = f"about {eig[-1] / max(eig[0], 1.0):.1e}"
     what = "could not be Cholesky-factored" if not finite else "is too ill-conditioned to factor"
     raise FactorizationError(
-        f"U = I + S (K ⊗ I_D) Sᵀ ({u.shape[-1]}×{u.shape[-1]}, {concrete.dtype}) {what}: its "
-        f"condition number is {cond}, beyond what {concrete.dtype} resolves (1/eps = {1 / eps:.1e}). "
+        f"U = I + S (K ⊗ I_D) Sᵀ ({u.shape[-1]}×{u.shape[-1]}, {dtype}) {what}: its "
+        f"condition number is {cond}, beyond what {dtype} resolves (1/eps = {1 / eps:.1e}). "
         "Rescale the indices or the kernel variances (for the CubicSpline kernel cond(U) grows "
         "like max(x)³·variance/noise²), or use float64: jax.config.update('jax_enable_x64', True)."
     )
@@ -158,34 +158,42 @@ def _describe(values: np.ndarray, ok: np.ndarray) -> str:
 
 def _value_rules(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
     """(name, array, predicate, requirement) for every value constraint of a problem."""
-    finite = lambda a: np.isfinite(a) if isinstance(a, np.ndarray) else jnp.isfinite(a)  # noqa: E731
     rules = []
     for name, leaf in _named_leaves("kernel", kernel) + _named_leaves("noise", noise):
-        rules.append((name, leaf, finite, "finite"))
+        rules.append((name, leaf, jnp.isfinite, "finite"))
     for name, value in kernel.positive_parameters().items():
         rules.append((f"kernel.{name}", value, lambda a: a > 0, "> 0"))
     for name, value in noise.positive_parameters().items():
         rules.append((f"noise.{name}", value, lambda a: a > 0, "> 0"))
     for name, value in (("x", x), ("y", y), ("mean", mean)):
         if value is not None:
-            rules.append((name, value, finite, "finite"))
-    if kernel.requires_scalar_index():
-        rules.append(
-            ("x", x, lambda a: a >= 0,
-             ">= 0 for the CubicSpline kernel (indices are positions along the curve from its start)")
-        )
+            rules.append((name, value, jnp.isfinite, "finite"))
+    anchored = _kernel_names(kernel, "nonnegative_index")
+    if anchored:
+        requirement = f">= 0 for the {anchored} kernel (indices are positions along the curve from its start)"
+        rules.append(("x", x, lambda a: a >= 0, requirement))
     return rules
 
 
+def _kernel_names(kernel: Kernel, flag: str) -> str:
+    """The names of ``kernel``'s parts whose class sets ``flag``, e.g. ``"CubicSpline"``."""
+    return ", ".join(sorted({type(part).__name__ for part in kernel.parts() if getattr(part, flag)}))
+
+
 def check_values(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any) -> None:
-    """Raise ``ValueError`` for every concrete argument that breaks a value rule."""
+    """Raise ``ValueError`` for every concrete argument that breaks a value rule.
+
+    Each rule is reduced on the device and only its verdict comes to the host (the values
+    only when a rule fails, for the message): no copy of a large or sharded array per call.
+    """
     for name, value, predicate, requirement in _value_rules(kernel, x, y, noise, mean):
-        concrete = _concrete(value)
-        if concrete is None:
+        if isinstance(value, jax.core.Tracer):
             continue  # traced: see value_checks
-        ok = np.asarray(predicate(concrete.astype(np.float64)))
-        if not np.all(ok):
-            raise ValueError(f"`{name}` must be {requirement}, got {_describe(concrete, ok)}")
+        array = jnp.asarray(value)
+        if bool(jnp.all(predicate(array))):
+            continue
+        ok = np.asarray(predicate(array))
+        raise ValueError(f"`{name}` must be {requirement}, got {_describe(np.asarray(array), ok)}")
 
 
 def value_checks(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any = None) -> None:
@@ -227,8 +235,7 @@ def check_problem(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
         )
     if not isinstance(noise, Noise):
         raise TypeError(
-            f"`noise` must be one of gpgrad_jax.noise.Isotropic, PerPoint or Dense, "
-            f"got {type(noise).__name__}"
+            f"`noise` must be a gpgrad_jax.noise.Noise (e.g. noise.Isotropic), got {type(noise).__name__}"
         )
     x = _as_float_array("x", x)
     y = _as_float_array("y", y)
@@ -254,8 +261,8 @@ def check_problem(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
             )
     if kernel.requires_scalar_index() and x.ndim != 1:
         raise ValueError(
-            "`kernel` contains a kernel defined on scalar indices only (CubicSpline): "
-            f"`x` must have shape (n,), got shape {x.shape}"
+            f"`kernel` contains a kernel defined on scalar indices only "
+            f"({_kernel_names(kernel, 'scalar_index_only')}): `x` must have shape (n,), got shape {x.shape}"
         )
     dim = 1 if y.ndim == 1 else y.shape[1]
     noise.check_shapes(n, dim)

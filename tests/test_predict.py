@@ -1,11 +1,15 @@
 """Posterior prediction against the dense textbook formula."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 
 import gpgrad_jax as gg
+from gpgrad_jax import noise
+from gpgrad_jax._likelihood import prepare
+from gpgrad_jax._solvers import resolve
 from problems import NOISES, data_dims, index_dims, make_problem, seeds
 
 
@@ -35,7 +39,21 @@ def test_predict_matches_dense_formula(noise_kind, seed, dim, index_dim, rtol):
     assert mu.shape == var.shape == (5,) + y.shape[1:]
     np.testing.assert_allclose(mu.reshape(5, -1), want_mu, rtol=100 * rtol, atol=100 * rtol)
     np.testing.assert_allclose(var.reshape(5, -1), want_var, rtol=100 * rtol, atol=100 * rtol)
-    assert np.all(np.asarray(var) >= 0)
+
+
+@pytest.mark.parametrize("solver", ["dense", "markov"])
+def test_variance_clamp_only_hides_rounding(solver, x64):
+    """Before ``predict``'s ``max(·, 0)``: negative variances are rounding, ≤ 10³·eps·k(x, x)."""
+    problem = make_problem("curve", "per_point", 3, 3, None)
+    kernel, x, y, nz, mean = problem.args()
+    nz = noise.PerPoint(nz.blocks * 1e4)  # nearly noise-free: posterior variance ≈ 0 at the data
+    args = prepare(kernel, x, y, nz, mean)
+    _, raw = resolve(solver, *args[:2], args[2]).predict(*args, args[2])
+    prior = jax.vmap(kernel.evaluate)(x, x)[:, None]
+    eps = float(jnp.finfo(raw.dtype).eps)
+    assert np.all(np.asarray(raw) >= -1e3 * eps * np.asarray(prior)), raw
+    _, var = gg.predict(kernel, x, y, nz, x, mean=mean, solver=solver)
+    np.testing.assert_array_equal(var, np.maximum(np.asarray(raw), 0.0))
 
 
 def test_predict_validates_new_indices():
