@@ -189,10 +189,11 @@ def check_values(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any) -> Non
     for name, value, predicate, requirement in _value_rules(kernel, x, y, noise, mean):
         if isinstance(value, jax.core.Tracer):
             continue  # traced: see value_checks
-        array = jnp.asarray(value)
-        if bool(jnp.all(predicate(array))):
-            continue
-        ok = np.asarray(predicate(array))
+        with jax.ensure_compile_time_eval():  # concrete inside a jit trace too: evaluate now
+            array = jnp.asarray(value)
+            if bool(jnp.all(predicate(array))):
+                continue
+            ok = np.asarray(predicate(array))
         raise ValueError(f"`{name}` must be {requirement}, got {_describe(np.asarray(array), ok)}")
 
 
