@@ -13,6 +13,7 @@ Kernels are registered dataclass pytrees: their parameters are leaves, so
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -236,17 +237,26 @@ def _safe_sqrt(r2):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, r2, 1.0)), 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stationary(Kernel):
+    """Fields and distance shared by the stationary kernels: ``r = ‖a − b‖/ℓ``."""
+
+    variance: Array = 1.0
+    lengthscale: Array = 1.0
+    positive_fields: ClassVar[tuple[str, ...]] = ("variance", "lengthscale")
+
+    def _radius(self, a, b):
+        """``(far, r)``: ``r`` with ``inf`` (lengthscale underflow) replaced by 0, flagged in ``far``."""
+        return _far_apart(_safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale)))
+
+
 @pytree_dataclass
-class ExpSquared(Kernel):
+class ExpSquared(_Stationary):
     """Squared exponential kernel ``k = σ² exp(−r²/2)``, ``r = ‖a − b‖/ℓ``.
 
     ``∂k/∂a = −k (a − b)/ℓ²``.  ``lengthscale`` is a scalar or, for
     ``d``-dimensional indices, a length-``d`` vector (ARD).
     """
-
-    variance: Array = 1.0
-    lengthscale: Array = 1.0
-    positive_fields: ClassVar[tuple[str, ...]] = ("variance", "lengthscale")
 
     def evaluate(self, a, b):
         return self.variance * jnp.exp(-0.5 * _scaled_sq_distance(a, b, self.lengthscale))
@@ -256,19 +266,14 @@ class ExpSquared(Kernel):
 
 
 @pytree_dataclass
-class Matern32(Kernel):
+class Matern32(_Stationary):
     """Matérn-3/2 kernel ``k = σ² (1 + √3 r) exp(−√3 r)``, ``r = ‖a − b‖/ℓ``.
 
     ``∂k/∂a = −3 σ² exp(−√3 r) (a − b)/ℓ²`` — finite (zero) at ``a == b``.
     """
 
-    variance: Array = 1.0
-    lengthscale: Array = 1.0
-    positive_fields: ClassVar[tuple[str, ...]] = ("variance", "lengthscale")
-
     def evaluate(self, a, b):
-        r = _safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale))
-        far, r = _far_apart(r)
+        far, r = self._radius(a, b)
         return jnp.where(far, 0.0, self.variance * (1.0 + _SQRT3 * r) * jnp.exp(-_SQRT3 * r))
 
     def grad_first(self, a, b):
@@ -277,23 +282,18 @@ class Matern32(Kernel):
 
 
 @pytree_dataclass
-class Matern52(Kernel):
+class Matern52(_Stationary):
     """Matérn-5/2 kernel ``k = σ² (1 + √5 r + 5r²/3) exp(−√5 r)``, ``r = ‖a − b‖/ℓ``.
 
     ``∂k/∂a = −(5/3) σ² (1 + √5 r) exp(−√5 r) (a − b)/ℓ²``.
     """
 
-    variance: Array = 1.0
-    lengthscale: Array = 1.0
-    positive_fields: ClassVar[tuple[str, ...]] = ("variance", "lengthscale")
-
     def evaluate(self, a, b):
-        r = _safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale))
-        far, r = _far_apart(r)
+        far, r = self._radius(a, b)
         polynomial = 1.0 + _SQRT5 * r + 5.0 * r**2 / 3.0
         return jnp.where(far, 0.0, self.variance * polynomial * jnp.exp(-_SQRT5 * r))
 
     def grad_first(self, a, b):
-        far, r = _far_apart(_safe_sqrt(_scaled_sq_distance(a, b, self.lengthscale)))
+        far, r = self._radius(a, b)
         scale = jnp.where(far, 0.0, -(5.0 / 3.0) * self.variance * (1.0 + _SQRT5 * r) * jnp.exp(-_SQRT5 * r))
         return _times_scaled_offset(scale, a, b, self.lengthscale)

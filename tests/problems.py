@@ -165,3 +165,19 @@ def make_markov_problem(kernel_name: str, noise_kind: str, seed: int, dim: int, 
         kernel, x, rng.normal(size=y_shape), make_noise(noise_kind, rng, n, dim), 0.3 * rng.normal(size=y_shape)
     )
     return problem.astype(jnp.zeros(()).dtype)
+
+
+def jaxpr_shapes(fn, *args) -> set:
+    """Every intermediate array shape in ``fn``'s jaxpr, sub-jaxprs (scans, custom rules) included."""
+    import jax.extend
+
+    shapes = set()
+
+    def collect(jaxpr):
+        for eqn in jaxpr.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                collect(sub)
+
+    collect(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import gpgrad_jax as gg
 from gpgrad_jax import kernels, noise
 from problems import (
     KERNELS,
     NOISES,
-    Problem,
     assert_trees_close,
     data_dims,
     index_dims,
+    jaxpr_shapes,
     make_problem,
     seeds,
 )
@@ -216,16 +214,7 @@ def test_float32_agrees_with_float64_on_a_well_scaled_problem(x64):
 def test_no_cubic_or_lifted_temporaries_in_the_gradient():
     """The gradient never forms an n×n×n tensor, and Isotropic noise never an (nD)×(nD) one."""
     problem = make_problem("curve", "isotropic", 1, 3, None, n=7)
-    jaxpr = jax.make_jaxpr(jax.grad(gg.log_marginal_likelihood, argnums=(0, 1, 2, 3, 4)))(*problem.args())
-    shapes = set()
-
-    def collect(jaxpr):
-        for eqn in jaxpr.eqns:
-            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                collect(sub)
-
-    collect(jaxpr.jaxpr)
+    shapes = jaxpr_shapes(jax.grad(gg.log_marginal_likelihood, argnums=(0, 1, 2, 3, 4)), *problem.args())
     assert (7, 7) in shapes
     assert not any(len(s) >= 3 and s.count(7) >= 3 for s in shapes), shapes
     assert (21, 21) not in shapes, "Isotropic noise must not build the lifted (nD x nD) matrix"

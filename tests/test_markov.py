@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from problems import (
     MARKOV_NOISES,
     assert_trees_close,
     data_dims,
+    jaxpr_shapes,
     make_markov_problem,
     seeds,
 )
@@ -161,16 +161,7 @@ def test_markov_forms_no_n_by_n_array():
     n = 40
     kernel, x, y, nz, mean = make_markov_problem("scaled_sum", "per_point_rank_deficient", 1, 3, n=n).args()
     f = functools.partial(gg.log_marginal_likelihood, solver="markov")
-    jaxpr = jax.make_jaxpr(jax.grad(f, argnums=ALL_ARGS))(kernel, x, y, nz, mean)
-    shapes = set()
-
-    def collect(jaxpr):
-        for eqn in jaxpr.eqns:
-            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                collect(sub)
-
-    collect(jaxpr.jaxpr)
+    shapes = jaxpr_shapes(jax.grad(f, argnums=ALL_ARGS), kernel, x, y, nz, mean)
     assert any(n in s for s in shapes)
     assert not any(s.count(n) >= 2 for s in shapes), sorted(s for s in shapes if s.count(n) >= 2)
 
