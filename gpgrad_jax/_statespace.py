@@ -32,18 +32,9 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
+from gpgrad_jax import _kernels as kernels
 from gpgrad_jax._linalg import small_matmul
 from gpgrad_jax._pytree import pytree_dataclass
-from gpgrad_jax._kernels import (
-    Constant,
-    CubicSpline,
-    Kernel,
-    Linear,
-    Matern32,
-    Matern52,
-    Product,
-    Sum,
-)
 
 Array = Any
 
@@ -139,7 +130,7 @@ class Matern:
 
 
 @functools.singledispatch
-def state_space(kernel: Kernel) -> tuple:
+def state_space(kernel: kernels.Kernel) -> tuple:
     """The state-space components of ``kernel`` (see the module docstring).
 
     Raises :class:`NoStateSpaceForm` naming the kernel when it has none.
@@ -165,17 +156,17 @@ def _polynomial(variance, part):
 
 
 @state_space.register
-def _(kernel: CubicSpline):
+def _(kernel: kernels.CubicSpline):
     return _polynomial(kernel.variance, 0)
 
 
 @state_space.register
-def _(kernel: Linear):
+def _(kernel: kernels.Linear):
     return _polynomial(kernel.variance, 1)
 
 
 @state_space.register
-def _(kernel: Constant):
+def _(kernel: kernels.Constant):
     return _polynomial(kernel.variance, 2)
 
 
@@ -190,17 +181,17 @@ def _matern_lengthscale(kernel):
 
 
 @state_space.register
-def _(kernel: Matern32):
+def _(kernel: kernels.Matern32):
     return (Matern(jnp.asarray(kernel.variance), _matern_lengthscale(kernel), 3),)
 
 
 @state_space.register
-def _(kernel: Matern52):
+def _(kernel: kernels.Matern52):
     return (Matern(jnp.asarray(kernel.variance), _matern_lengthscale(kernel), 5),)
 
 
 @state_space.register
-def _(kernel: Sum):
+def _(kernel: kernels.Sum):
     merged = [c for c in state_space(kernel.k1) + state_space(kernel.k2) if not isinstance(c, Polynomial)]
     polynomials = [c for c in state_space(kernel.k1) + state_space(kernel.k2) if isinstance(c, Polynomial)]
     if polynomials:
@@ -210,9 +201,9 @@ def _(kernel: Sum):
 
 
 @state_space.register
-def _(kernel: Product):
+def _(kernel: kernels.Product):
     for scale, other in ((kernel.k1, kernel.k2), (kernel.k2, kernel.k1)):
-        if isinstance(scale, Constant):
+        if isinstance(scale, kernels.Constant):
             return tuple(_scaled(c, scale.variance) for c in state_space(other))
     raise NoStateSpaceForm(
         f"kernel Product({type(kernel.k1).__name__}, {type(kernel.k2).__name__}) has no state-space "
