@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from gpgrad_jax._linalg import small_matmul as _mm
 from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._statespace import Matern, Polynomial, state_space, unit_cubic_noise
-from gpgrad_jax._validation import check_finite_value, check_state_space_conditioning
+from gpgrad_jax._validation import check_finite_value
 
 Array = Any
 
@@ -274,19 +274,35 @@ class Smoothed(NamedTuple):
     info: Array  # N_k, (n, N, N)
 
 
-def _backward_elements(filtered: Filtered, model: Model):
-    """``E_k``, ``c_k = CᵀU⁻¹v`` and ``D_k = CᵀU⁻¹C`` of the adjoint recursion."""
-    c, mean, cov = model.obs_matrix, filtered.mean, filtered.cov
+class _Update(NamedTuple):
+    """The observation update at every point, recomputed vectorised from the predicted moments."""
+
+    u_inv: Array  # U_k⁻¹, (n, p, p)
+    innovation: Array  # v_k, (n, p, q)
+    gain: Array  # K_k, (n, N, p)
+    residual_map: Array  # I − K_k C_k, (n, N, N)
+
+
+def _updates(filtered: Filtered, model: Model) -> _Update:
+    c, cov = model.obs_matrix, filtered.cov
     pc = _mm(cov, _t(c))
     u_inv, _ = spd_inverse_and_logdet(jnp.eye(c.shape[-2], dtype=cov.dtype) + _mm(c, pc))
-    innovation = model.obs - _mm(c, mean)
     gain = _mm(pc, u_inv)
-    big = cov.shape[-1]
-    residual_map = jnp.eye(big, dtype=cov.dtype) - _mm(gain, c)  # I − K C
-    next_transition = jnp.concatenate([model.transition[1:], jnp.zeros_like(model.transition[:1])])
-    e = _mm(_t(residual_map), _t(next_transition))
-    ct_uinv = _mm(_t(c), u_inv)
-    return e, _mm(ct_uinv, innovation), _mm(ct_uinv, c)
+    residual_map = jnp.eye(cov.shape[-1], dtype=cov.dtype) - _mm(gain, c)
+    return _Update(u_inv, model.obs - _mm(c, filtered.mean), gain, residual_map)
+
+
+def _shift_back(values):
+    """``values[k + 1]`` at ``k``, zero after the last point."""
+    return jnp.concatenate([values[1:], jnp.zeros_like(values[:1])])
+
+
+def _backward_elements(update: _Update, model: Model):
+    """``E_k``, ``c_k = CᵀU⁻¹v`` and ``D_k = CᵀU⁻¹C`` of the adjoint recursion."""
+    c = model.obs_matrix
+    e = _mm(_t(update.residual_map), _t(_shift_back(model.transition)))
+    ct_uinv = _mm(_t(c), update.u_inv)
+    return e, _mm(ct_uinv, update.innovation), _mm(ct_uinv, c)
 
 
 def _adjoints_sequential(e, c, d):
@@ -314,11 +330,25 @@ def _adjoints_parallel(e, c, d):
 
 
 def smooth(filtered: Filtered, model: Model, parallel: bool) -> Smoothed:
-    e, c, d = _backward_elements(filtered, model)
+    """Smoothed marginals from the filtered ones: ``m_k|k + P_k|k λ̂_k`` and
+    ``P_k|k − P_k|k Λ̂_k P_k|k`` with ``λ̂_k = A_{k+1}ᵀ ν_{k+1}``, ``Λ̂_k = A_{k+1}ᵀ N_{k+1} A_{k+1}``.
+
+    The same moments as ``m⁻ + P⁻ν`` and ``P⁻ − P⁻NP⁻``, but a difference of *filtered*
+    covariances (Joseph form, small where the data pin the curve) instead of predicted ones
+    (large across a wide gap): in float32 with gaps of 7.7 under the cubic spline the gradient
+    error drops from 2.2 to 4e-3 (measured).
+    """
+    update = _updates(filtered, model)
+    e, c, d = _backward_elements(update, model)
     nu, info = (_adjoints_parallel if parallel else _adjoints_sequential)(e, c, d)
-    pred_cov = filtered.cov
-    mean = filtered.mean + _mm(pred_cov, nu)
-    cov = pred_cov - _mm(_mm(pred_cov, info), pred_cov)
+    gain, residual_map = update.gain, update.residual_map
+    filt_mean = filtered.mean + _mm(gain, update.innovation)
+    filt_cov = _mm(_mm(residual_map, filtered.cov), _t(residual_map)) + _mm(gain, _t(gain))
+    next_transition = _shift_back(model.transition)
+    later_mean = _mm(_t(next_transition), _shift_back(nu))
+    later_info = _mm(_mm(_t(next_transition), _shift_back(info)), next_transition)
+    mean = filt_mean + _mm(filt_cov, later_mean)
+    cov = filt_cov - _mm(_mm(filt_cov, later_info), filt_cov)
     return Smoothed(mean, 0.5 * (cov + _t(cov)), nu, info)
 
 
@@ -433,27 +463,19 @@ def _unsort(values, order):
     return jnp.zeros_like(values).at[order].set(values)
 
 
-@jax.jit
-def _largest_innovation_scale(model: Model, filtered: Filtered):
-    """``max_k λ_max(U_k)``: how far the prior variance exceeds the noise at the worst point."""
-    c = model.obs_matrix
-    u = jnp.eye(c.shape[-2], dtype=c.dtype) + _mm(_mm(c, filtered.cov), _t(c))
-    return jnp.max(jnp.trace(u, axis1=-2, axis2=-1))
-
-
-def _check(value, state):
-    """The eager checks of a concrete result (under ``jit`` they are skipped, as for dense)."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    check_finite_value(value)
-    check_state_space_conditioning(_largest_innovation_scale(*state))
+def _check(*results):
+    """Eager check of concrete results: a non-finite value is a :class:`NumericalError`, never a
+    silent NaN (under ``jit`` results are tracers and this is skipped, as for the dense solver)."""
+    for result in jax.tree_util.tree_leaves(results):
+        if result is not None and not isinstance(result, jax.core.Tracer):
+            check_finite_value(result)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def log_marginal_likelihood(parallel, kernel, noise, x, r):
     """``L`` by the Kalman filter; its ``custom_vjp`` is the closed form from the smoother."""
     value, state = _forward(parallel, kernel, noise, x, r)
-    _check(value, state)
+    _check(value)
     return value
 
 
@@ -462,13 +484,15 @@ def _lml_fwd(parallel, kernel, noise, x, r):
     # kernel's and the noise's are computed only then (eager calls get no dead-code elimination).
     (kernel, kernel_wanted), (noise, noise_wanted), (x, _), (r, _) = map(unwrap_primals, (kernel, noise, x, r))
     value, state = _forward(parallel, kernel, noise, x, r)
-    _check(value, state)
+    _check(value)
     return value, (kernel if kernel_wanted else None, noise if noise_wanted else None, kernel, noise, x, r, state)
 
 
 def _lml_bwd(parallel, residuals, g):
     kernel_wanted, noise_wanted, kernel, noise, x, r, state = residuals
-    return _backward(parallel, kernel_wanted is not None, noise_wanted is not None, kernel, noise, x, r, state, g)
+    cotangents = _backward(parallel, kernel_wanted is not None, noise_wanted is not None, kernel, noise, x, r, state, g)
+    _check(cotangents)
+    return cotangents
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -503,8 +527,9 @@ log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd, symbolic_zeros=True)
 def index_gradient(parallel, kernel, noise, x, r):
     """``(L, ∇ₓL)`` from the filter and smoother, evaluated explicitly."""
     value, state = _forward(parallel, kernel, noise, x, r)
-    _check(value, state)
-    return value, _explicit_gradient(parallel, kernel, r, state)
+    grad_x = _explicit_gradient(parallel, kernel, r, state)
+    _check(value, grad_x)
+    return value, grad_x
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -42,40 +42,18 @@ def check_finite_result(value: Any, quadratic: Any) -> None:
 
 
 def check_finite_value(value: Any) -> None:
-    """Raise :class:`NumericalError` if a *concrete* state-space likelihood is not finite."""
+    """Raise :class:`NumericalError` if a *concrete* state-space result (value or cotangent)
+    is not finite."""
     concrete = _concrete(value)
     if concrete is None or np.all(np.isfinite(concrete)):
         return
     raise NumericalError(
-        f"the state-space filter's log marginal likelihood is {concrete} in {concrete.dtype}: the "
-        "working precision cannot hold the state covariances (for the CubicSpline kernel they grow "
-        "like max(x)³·variance). Rescale the indices or the kernel variances, use "
-        "solver='dense' to get a condition number, or use float64: "
+        f"the state-space solver produced a non-finite result in {concrete.dtype}: the working "
+        "precision cannot hold the state covariances (for the CubicSpline kernel they grow like "
+        "the cube of the gap between indices times the variance). Rescale the indices or the "
+        "kernel variances, use solver='dense' to get a condition number, or use float64: "
         "jax.config.update('jax_enable_x64', True)."
     )
-
-
-def check_state_space_conditioning(largest_scale: Any) -> None:
-    """Raise :class:`NumericalError` when the filter's innovation matrices ``U_k = I + C P⁻ Cᵀ``
-    are so large (prior variance over noise variance) that the smoothed covariances, differences
-    of numbers of that size, keep less than about two correct digits: ``eps · max tr U_k > 1e-2``.
-
-    Measured in float32 on the curve kernel, the relative gradient error is about
-    ``5 · eps · max tr U_k`` (1e-3 at 1e-4, 0.1 at 2e-2, 2.6 at 0.3).
-    """
-    scale = _concrete(largest_scale)
-    if scale is None:
-        return
-    eps = float(np.finfo(scale.dtype).eps)
-    if not np.isfinite(scale) or float(scale) * eps > 1e-2:
-        raise NumericalError(
-            f"the state-space filter is too ill-conditioned for {scale.dtype}: at its worst point "
-            f"the prior variance exceeds the noise variance by a factor of about {float(scale):.1e}, "
-            f"so the smoothed covariances (differences of numbers that large, eps = {eps:.1e}) "
-            "and the gradient keep less than two correct digits. Rescale the indices or the kernel "
-            "variances (for the CubicSpline kernel the prior variance grows like the cube of the "
-            "gap between indices), or use float64: jax.config.update('jax_enable_x64', True)."
-        )
 
 
 def check_factorization(chol: Any, u_core: Any) -> None:
