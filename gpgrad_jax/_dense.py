@@ -19,6 +19,7 @@ matrix cotangents ``K̄ = ½ (Z Zᵀ − M̃)`` (kernel parameters), ``Ū = ½ (
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -51,13 +52,15 @@ class IndexTerms(NamedTuple):
     m_trace: Array  # blocktrace(Sᵀ U⁻¹ S), (n, n)
 
 
-def factor(kernel, noise, x, r) -> Factor:
+def _u_core(kernel, noise, x, dim):
+    return noise.core(kernel.matrix(x, x), dim) + jnp.eye(noise.core_shape(x.shape[0], dim)[0], dtype=x.dtype)
+
+
+@jax.jit  # eager callers compile once per shape instead of dispatching every operation
+def _factor(kernel, noise, x, r):
     n, dim = r.shape
     p, q = noise.core_shape(n, dim)
-    kernel_matrix = kernel.matrix(x, x)
-    u_core = noise.core(kernel_matrix, dim) + jnp.eye(p, dtype=r.dtype)
-    chol = jnp.linalg.cholesky(u_core)
-    check_factorization(chol, u_core)
+    chol = jnp.linalg.cholesky(_u_core(kernel, noise, x, dim))
     w = noise.whiten(r)
     alpha = cho_solve((chol, True), w)
     quadratic = jnp.sum(w * alpha)
@@ -66,8 +69,16 @@ def factor(kernel, noise, x, r) -> Factor:
         - q * jnp.sum(jnp.log(jnp.diagonal(chol)))
         - 0.5 * p * q * math.log(2.0 * math.pi)
     )
-    check_finite_result(value, quadratic)
-    return Factor(value, chol, alpha)
+    return Factor(value, chol, alpha), quadratic
+
+
+def factor(kernel, noise, x, r) -> Factor:
+    """``L``, the Cholesky factor of ``U``'s core and ``α``; concrete results are checked."""
+    fac, quadratic = _factor(kernel, noise, x, r)
+    if not isinstance(fac.chol, jax.core.Tracer):
+        check_factorization(fac.chol, lambda: _u_core(kernel, noise, x, r.shape[1]))
+        check_finite_result(fac.value, quadratic)
+    return fac
 
 
 def index_terms(kernel, noise, x, fac: Factor, dim: int) -> IndexTerms:
@@ -103,6 +114,11 @@ def _lml_fwd(kernel, noise, x, r):
 
 def _lml_bwd(residuals, g):
     kernel_wanted, noise_wanted, kernel, noise, x, r, fac = residuals
+    return _backward(kernel_wanted, noise_wanted, kernel, noise, x, r, fac, g)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _backward(kernel_wanted, noise_wanted, kernel, noise, x, r, fac, g):
     dim = r.shape[1]
     q = fac.alpha.shape[1]
     terms = index_terms(kernel, noise, x, fac, dim)
@@ -140,27 +156,36 @@ class DenseSolver:
 
     def index_gradient(self, kernel, noise, x, r):
         fac = factor(kernel, noise, x, r)
-        return fac.value, index_terms(kernel, noise, x, fac, r.shape[1]).grad_x
+        return fac.value, _grad_x(kernel, noise, x, fac, r.shape[1])
 
     def predict(self, kernel, noise, x, r, x_new):
-        """Posterior mean offset ``(K_* ⊗ I) z`` and per-coordinate variance, each ``(n_new, D)``.
+        return _predict(kernel, noise, x, r, x_new, factor(kernel, noise, x, r))
 
-        ``Var[f_*] = diag(K(x_new, x_new) ⊗ I_D − (K_* ⊗ I_D) M (K_* ⊗ I_D)ᵀ)`` with the second
-        term as the squared norm of ``chol(U)⁻¹ S (K_* ⊗ I)ᵀ``.
-        """
-        n, dim = r.shape
-        n_new = x_new.shape[0]
-        p, q = noise.core_shape(n, dim)
-        fac = factor(kernel, noise, x, r)
-        z = noise.adjoint_whiten(fac.alpha, dim)
-        cross = kernel.matrix(x_new, x)  # (n_new, n)
-        # Column (j, a) of S (K_* ⊗ I)ᵀ is S applied to K_*[j]ᵀ ⊗ e_a: whiten it.
-        unit = jnp.eye(dim, dtype=x.dtype)
-        columns = jax.vmap(
-            lambda k_row: jax.vmap(lambda e: noise.whiten(k_row[:, None] * e[None, :]))(unit)
-        )(cross)  # (n_new, D, p, q)
-        solved = solve_triangular(
-            fac.chol, jnp.moveaxis(columns, 2, 0).reshape(p, -1), lower=True
-        ).reshape(p, n_new, dim, q)
-        prior_var = jax.vmap(kernel.evaluate)(x_new, x_new)[:, None]
-        return cross @ z, prior_var - jnp.sum(solved**2, axis=(0, 3))
+
+@functools.partial(jax.jit, static_argnums=4)
+def _grad_x(kernel, noise, x, fac, dim):
+    return index_terms(kernel, noise, x, fac, dim).grad_x
+
+
+@jax.jit
+def _predict(kernel, noise, x, r, x_new, fac):
+    """Posterior mean offset ``(K_* ⊗ I) z`` and per-coordinate variance, each ``(n_new, D)``.
+
+    ``Var[f_*] = diag(K(x_new, x_new) ⊗ I_D − (K_* ⊗ I_D) M (K_* ⊗ I_D)ᵀ)`` with the second
+    term as the squared norm of ``chol(U)⁻¹ S (K_* ⊗ I)ᵀ``.
+    """
+    n, dim = r.shape
+    n_new = x_new.shape[0]
+    p, q = noise.core_shape(n, dim)
+    z = noise.adjoint_whiten(fac.alpha, dim)
+    cross = kernel.matrix(x_new, x)  # (n_new, n)
+    # Column (j, a) of S (K_* ⊗ I)ᵀ is S applied to K_*[j]ᵀ ⊗ e_a: whiten it.
+    unit = jnp.eye(dim, dtype=x.dtype)
+    columns = jax.vmap(
+        lambda k_row: jax.vmap(lambda e: noise.whiten(k_row[:, None] * e[None, :]))(unit)
+    )(cross)  # (n_new, D, p, q)
+    solved = solve_triangular(
+        fac.chol, jnp.moveaxis(columns, 2, 0).reshape(p, -1), lower=True
+    ).reshape(p, n_new, dim, q)
+    prior_var = jax.vmap(kernel.evaluate)(x_new, x_new)[:, None]
+    return cross @ z, prior_var - jnp.sum(solved**2, axis=(0, 3))

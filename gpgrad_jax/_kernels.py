@@ -220,7 +220,9 @@ def _times_scaled_offset(weight, a, b, lengthscale):
     With a tiny lengthscale ``(a − b)/ℓ²`` can overflow while the kernel (hence
     ``weight``) underflows to 0; their product must be 0, not ``0 · inf = NaN``.
     """
-    offset = (a - b) / lengthscale / lengthscale
+    # Exactly 0 where a == b: under jit XLA may fold the two divisions into one by ℓ², which
+    # underflows to 0 for a tiny ℓ, and 0/0 would be NaN.
+    offset = jnp.where(a == b, 0.0, (a - b) / lengthscale / lengthscale)
     return jnp.where(weight == 0, 0.0, weight * jnp.where(weight == 0, 0.0, offset))
 
 

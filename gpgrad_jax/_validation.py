@@ -9,7 +9,7 @@ transformed function to get the same checks at run time.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ def check_finite_value(value: Any) -> None:
     )
 
 
-def check_factorization(chol: Any, u_core: Any) -> None:
+def check_factorization(chol: Any, u_core: Callable[[], Any]) -> None:
     """Raise :class:`FactorizationError` with advice if a *concrete* factor of ``U`` is unusable.
 
     Unusable means not finite (the factorisation broke down) or so ill-conditioned
@@ -76,7 +76,7 @@ def check_factorization(chol: Any, u_core: Any) -> None:
     cond_bound = float((pivots.max() / pivots.min()) ** 2) if finite else np.inf
     if finite and cond_bound * eps < 1.0:
         return
-    u = np.asarray(u_core, np.float64)
+    u = np.asarray(u_core(), np.float64)  # computed only now, for the message
     if not np.all(np.isfinite(u)):
         cond = "infinite (U has non-finite entries: the kernel overflowed)"
     else:
