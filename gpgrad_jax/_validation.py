@@ -92,16 +92,19 @@ def check_factorization(chol: Any, u_core: Callable[[], Any]) -> None:
 
 
 def _as_float_array(name: str, value: Any) -> jax.Array:
+    """``value`` as a real floating-point array; integers (frame numbers, time stamps) are
+    promoted to the default floating dtype as ``jax.numpy`` does, booleans and complex refused."""
     try:
         array = jnp.asarray(value)
     except TypeError as err:
         raise TypeError(
             f"`{name}` must be a real floating-point array, got {type(value).__name__}"
         ) from err
+    if jnp.issubdtype(array.dtype, jnp.integer):
+        return array.astype(jnp.result_type(float))
     if not jnp.issubdtype(array.dtype, jnp.floating):
         raise TypeError(
-            f"`{name}` must be a real floating-point array (float32 or float64), "
-            f"got dtype {array.dtype}"
+            f"`{name}` must be a real floating-point or integer array, got dtype {array.dtype}"
         )
     return array
 

@@ -34,9 +34,9 @@ BAD_INPUTS = [
     ("Dense width", dict(noise=noise.Dense(jnp.ones((4, 14)))), ValueError, ["matrix", "(m, 15)", "(4, 14)"]),
     ("Isotropic sigma vector", dict(noise=noise.Isotropic(jnp.ones(3))), ValueError, ["sigma", "scalar"]),
     ("d-dim x with cubic spline", dict(x=jnp.ones((N, 2))), ValueError, ["CubicSpline", "(n,)", "(5, 2)"]),
-    ("integer x", dict(x=jnp.arange(N)), TypeError, ["`x`", "floating", "int"]),
+    ("boolean x", dict(x=jnp.ones(N, bool)), TypeError, ["`x`", "floating", "bool"]),
     ("complex y", dict(y=Y3 + 0j), TypeError, ["`y`", "floating", "complex"]),
-    ("integer mean", dict(mean=np.zeros((N, 3), np.int32)), TypeError, ["`mean`", "int32"]),
+    ("boolean mean", dict(mean=np.zeros((N, 3), bool)), TypeError, ["`mean`", "bool"]),
     ("complex noise", dict(noise=noise.Isotropic(1.0 + 1j)), TypeError, ["noise.sigma", "real"]),
     ("integer-array kernel parameter", dict(kernel=kernels.ExpSquared(jnp.array(1), 1.0)), TypeError, ["kernel.variance", "dtype int"]),
     ("not a kernel", dict(kernel=lambda a, b: a * b), TypeError, ["`kernel`", "Kernel"]),
@@ -90,6 +90,19 @@ def test_bad_input_raises_a_clear_error(case, fn_name):
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("solver", ["dense", "markov"])
+def test_integer_indices_and_data_are_promoted_like_jax_numpy(solver, rtol):
+    """Frame numbers and integer counts: the same result as the float arrays jnp would make."""
+    x, y = np.arange(10), np.arange(10) % 3
+    kernel, nz = kernels.Matern32(1.0, 2.0), noise.Isotropic(0.5)
+    got = gg.log_marginal_likelihood(kernel, x, y, nz, mean=np.ones(10, np.int32), solver=solver)
+    want = gg.log_marginal_likelihood(kernel, jnp.asarray(x, float), jnp.asarray(y, float), nz, mean=jnp.ones(10), solver=solver)
+    assert got.dtype == want.dtype == jnp.result_type(float)
+    np.testing.assert_allclose(got, want, rtol=rtol)
+    mean, _ = gg.predict(kernel, x, y, nz, np.array([2, 7]), solver=solver)
+    assert mean.dtype == jnp.result_type(float)
 
 
 def test_value_checks_under_jit_with_checkify():
