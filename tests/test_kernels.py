@@ -142,3 +142,22 @@ def test_scalar_times_kernel_is_a_learnable_constant_factor():
     assert float(grad.k1.variance) != 0.0
     with pytest.raises(TypeError):
         base + 1.0
+
+
+def test_kernels_with_the_same_fields_are_different_tree_structures():
+    # JAX 0.10's register_dataclass tree definitions compare equal across classes with the same
+    # field names; jit then served Matern32's compiled state-space model for Matern52.
+    structure = lambda k: jax.tree_util.tree_structure(k)  # noqa: E731
+    assert structure(kernels.Matern32(1.0, 0.5)) != structure(kernels.Matern52(1.0, 0.5))
+    assert structure(kernels.Matern32(1.0, 0.5)) != structure(kernels.ExpSquared(1.0, 0.5))
+    x = jnp.linspace(0.0, 2.0, 40)
+    y, nz = jnp.sin(x), noise.PerPoint(jnp.full(40, 3.0))
+    values = {}
+    for kernel in (kernels.Matern32(1.0, 0.5), kernels.Matern52(1.0, 0.5)):
+        for solver in ("markov", "dense"):
+            values[type(kernel).__name__, solver] = jax.jit(
+                lambda k, x: jax.value_and_grad(gg.log_marginal_likelihood, argnums=1)(k, x, y, nz, solver=solver)
+            )(kernel, x)
+    for name in ("Matern32", "Matern52"):
+        np.testing.assert_allclose(values[name, "markov"][0], values[name, "dense"][0], rtol=1e-5)
+    assert abs(float(values["Matern32", "markov"][0] - values["Matern52", "markov"][0])) > 1e-3
