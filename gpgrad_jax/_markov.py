@@ -200,22 +200,26 @@ def _update(mean, cov, obs_matrix, obs):
 
 
 def filter_sequential(model: Model) -> Filtered:
+    """The filter as a ``lax.scan`` carrying and emitting one packed ``[P | m]`` array: XLA:CPU
+    runs a scan with one carry and one output 3× faster than with a tuple of them (measured).
+    The likelihood terms are recomputed vectorised from the predicted moments afterwards."""
     n, big, _ = model.transition.shape
     q = model.obs.shape[-1]
-    dtype = model.transition.dtype
 
-    def step(carry, inputs):
-        mean, cov = carry
+    def step(packed, inputs):
         a, noise, obs_matrix, obs = inputs
-        pred_mean = _mm(a, mean)
-        pred_cov = _mm(_mm(a, cov), a.T) + noise
-        mean, cov, term = _update(pred_mean, pred_cov, obs_matrix, obs)
-        return (mean, cov), (pred_mean, pred_cov, term)
+        predicted = _mm(a, packed)  # A [P | m]
+        pred_cov = _mm(predicted[:, :big], a.T) + noise
+        pred_mean = predicted[:, big:]
+        mean, cov, _ = _update(pred_mean, pred_cov, obs_matrix, obs)
+        return jnp.concatenate([cov, mean], -1), jnp.concatenate([pred_cov, pred_mean], -1)
 
-    init = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
+    init = jnp.zeros((big, big + q), model.transition.dtype)
     xs = (model.transition, model.process_noise, model.obs_matrix, model.obs)
-    _, (mean, cov, terms) = jax.lax.scan(step, init, xs)
-    return Filtered(mean, cov, terms)
+    _, predicted = jax.lax.scan(step, init, xs)
+    pred_cov, pred_mean = predicted[..., :big], predicted[..., big:]
+    _, _, terms = _update(pred_mean, pred_cov, model.obs_matrix, model.obs)
+    return Filtered(pred_mean, pred_cov, terms)
 
 
 def filter_parallel(model: Model) -> Filtered:
@@ -250,6 +254,9 @@ def filter_parallel(model: Model) -> Filtered:
             _mm(_mm(a1t_mt, j2), a1) + j1,
         )
 
+    # Materialise the elements: otherwise XLA fuses their producers into every strided slice
+    # of every level of the scan and recomputes them there (at n = 4000 the run never ended).
+    elements = jax.lax.optimization_barrier(elements)
     _, filt_mean, filt_cov, _, _ = jax.lax.associative_scan(combine, elements)
     prev_mean = jnp.concatenate([jnp.zeros_like(filt_mean[:1]), filt_mean[:-1]])
     prev_cov = jnp.concatenate([jnp.zeros_like(filt_cov[:1]), filt_cov[:-1]])
@@ -306,16 +313,20 @@ def _backward_elements(update: _Update, model: Model):
 
 
 def _adjoints_sequential(e, c, d):
-    def step(carry, inputs):
-        nu, info = carry
-        e_k, c_k, d_k = inputs
-        nu = _mm(e_k, nu) + c_k
-        info = _mm(_mm(e_k, info), e_k.T) + d_k
-        return (nu, info), (nu, info)
+    """The adjoint recursion as a ``lax.scan`` over one packed ``[N | ν]`` (see
+    :func:`filter_sequential` for why packed)."""
+    big = e.shape[-1]
 
-    init = (jnp.zeros_like(c[0]), jnp.zeros_like(d[0]))
-    _, (nu, info) = jax.lax.scan(step, init, (e, c, d), reverse=True)
-    return nu, info
+    def step(packed, inputs):
+        e_k, d_k, c_k = inputs
+        propagated = _mm(e_k, packed)  # E [N | ν]
+        info = _mm(propagated[:, :big], e_k.T) + d_k
+        packed = jnp.concatenate([info, propagated[:, big:] + c_k], -1)
+        return packed, packed
+
+    init = jnp.zeros((big, big + c.shape[-1]), e.dtype)
+    _, packed = jax.lax.scan(step, init, (e, d, c), reverse=True)
+    return packed[..., big:], packed[..., :big]
 
 
 def _adjoints_parallel(e, c, d):
@@ -325,7 +336,8 @@ def _adjoints_parallel(e, c, d):
         e1, c1, d1 = earlier
         return _mm(e1, e2), _mm(e1, c2) + c1, _mm(_mm(e1, d2), _t(e1)) + d1
 
-    _, nu, info = jax.lax.associative_scan(combine, (e, c, d), reverse=True)
+    elements = jax.lax.optimization_barrier((e, c, d))  # see filter_parallel
+    _, nu, info = jax.lax.associative_scan(combine, elements, reverse=True)
     return nu, info
 
 
@@ -336,7 +348,8 @@ def smooth(filtered: Filtered, model: Model, parallel: bool) -> Smoothed:
     The same moments as ``m⁻ + P⁻ν`` and ``P⁻ − P⁻NP⁻``, but a difference of *filtered*
     covariances (Joseph form, small where the data pin the curve) instead of predicted ones
     (large across a wide gap): in float32 with gaps of 7.7 under the cubic spline the gradient
-    error drops from 2.2 to 4e-3 (measured).
+    error drops from 2.2 to 4e-3 (measured).  Only the adjoint recursion is a scan; the rest
+    is vectorised over the points.
     """
     update = _updates(filtered, model)
     e, c, d = _backward_elements(update, model)
