@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark suite on a CUDA GPU: installs the CUDA build of JAX in its own venv, then runs
-# benchmarks/run.py, which writes benchmarks/results/gpu_<card>.json and .png in the CPU run's form.
+# The benchmark suites on a CUDA GPU: installs the CUDA build of JAX in its own venv, then runs
+# benchmarks/run.py and benchmarks/state_space.py, which write benchmarks/results/gpu_<card>.* and
+# state_space_gpu_<card>.* in the CPU runs' form.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv-gpu
@@ -8,3 +9,6 @@ python3 -m venv .venv-gpu
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr -c 'A-Za-z0-9\n' '_')
 .venv-gpu/bin/python -c 'import jax; assert jax.default_backend() == "gpu", jax.devices()'
 .venv-gpu/bin/python benchmarks/run.py --all-threads --label "gpu_${card}" "$@"
+# The state-space solver: "markov" and "markov-parallel" up to n = 10⁶ (target for the parallel
+# value_and_grad at n = 10⁶: under 50 ms on one GPU).
+.venv-gpu/bin/python benchmarks/state_space.py --all-threads --label "state_space_gpu_${card}"

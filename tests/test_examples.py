@@ -60,6 +60,25 @@ def test_many_curves_in_one_vmapped_step(tmp_path):
     assert (tmp_path / "many_curves.png").stat().st_size > 5_000
 
 
+def test_long_curve_recovers_indices_with_the_markov_solver(tmp_path):
+    lines = _run("long_curve.py", tmp_path=tmp_path)
+    last = lines[-1]
+    assert last.startswith("index error: ")
+    before, after = (float(v) for v in last.removeprefix("index error: ").split(" -> "))
+    assert after * 5 <= before, last
+    assert (tmp_path / "long_curve.png").stat().st_size > 10_000
+    assert any("lbfgs iter" in line for line in lines)
+
+
+def test_jittered_times_recovers_time_stamps(tmp_path):
+    lines = _run("jittered_times.py", tmp_path=tmp_path)
+    last = lines[-1]
+    assert last.startswith("time-stamp error: ")
+    before, after = (float(v) for v in last.removeprefix("time-stamp error: ").split(" -> "))
+    assert after * 1.5 <= before, last
+    assert (tmp_path / "jittered_times.png").stat().st_size > 10_000
+
+
 def test_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     import json
 
@@ -76,4 +95,23 @@ def test_benchmark_quick_mode_writes_json_and_plot(tmp_path):
         agreement = entry["gradient_max_relative_difference"]
         worst = max(agreement.values()) if isinstance(agreement, dict) else agreement
         assert worst < 1e-6
+    assert (tmp_path / "smoke.png").stat().st_size > 10_000
+
+
+def test_state_space_benchmark_quick_mode_writes_json_and_plot(tmp_path):
+    import json
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "state_space.py"), "--quick", "--no-peers", "--out", str(tmp_path), "--label", "smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    (curve,) = report["curve_3d"]
+    assert max(curve["gradient_max_relative_difference_vs_autodiff"].values()) < 1e-8
+    assert report["matern32_1d"]["checks"]["gradient_vs_autodiff"] < 1e-8
+    check = report["parallel_check"]
+    assert check["value_relative_difference"] < 1e-10 and check["gradient_relative_difference"] < 1e-8
     assert (tmp_path / "smoke.png").stat().st_size > 10_000

@@ -1,0 +1,270 @@
+"""Benchmark of the state-space (Markov) solver: O(n) value and closed-form gradient.
+
+    python benchmarks/state_space.py              # this machine: CPU, one thread, float64
+    python benchmarks/state_space.py --quick      # small sizes, for a smoke test
+    python benchmarks/state_space.py --all-threads --label state_space_gpu   # any backend
+
+Writes ``<out>/<label>.json`` and ``<out>/<label>.png``. Series, timed interleaved in one
+process as in ``benchmarks/run.py`` (whose helpers this script uses):
+
+* ``curve_3d``: the 3-D camera-ray curve of ``run.py`` (curve kernel, rank-2 ``PerPoint``),
+  n = 10³ … 10⁶ — ``value`` (``solver="markov"``), ``closed`` (``value_and_grad`` in ``x``, the
+  custom VJP), ``autodiff`` (JAX's reverse mode through the same filter), and at n ≤ 2000 the
+  dense solver's ``value_and_grad`` (``dense_closed``); on a GPU also ``parallel``
+  (``solver="markov-parallel"``).
+* ``matern32_1d``: Matérn 3/2, isotropic noise, n = 10⁵ — ours against tinygp's quasiseparable
+  solver (``tinygp_value``, and ``tinygp_autodiff`` = its ``value_and_grad`` in ``x``).
+* ``parallel_check``: ``"markov-parallel"`` against ``"markov"`` at n = 2000 (correctness on CPU;
+  compiling the associative scans is slow on XLA:CPU, about 30 s at n = 10⁴).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def _parse():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--label", default="state_space_cpu")
+    parser.add_argument("--all-threads", action="store_true", help="do not pin CPU threads to one")
+    parser.add_argument("--no-peers", action="store_true")
+    return parser.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and not ARGS.all_threads:
+    from run import THREAD_ENV  # noqa: E402  (sets nothing by itself; jax is imported below)
+
+    for key, value in THREAD_ENV.items():
+        os.environ.setdefault(key, value)
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import gpgrad_jax as gg  # noqa: E402
+from gpgrad_jax import kernels, noise  # noqa: E402
+from run import _compile, _measure, curve_problem, machine_info, plain_autodiff_value  # noqa: E402
+
+
+def _solver(fn, solver):
+    return functools.partial(fn, solver=solver)
+
+
+def _value_and_grad_x(fn):
+    return jax.value_and_grad(fn, argnums=1)
+
+
+def _relative(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def _row(functions, args, repeats, extra=None):
+    runners, info, outputs = {}, {}, {}
+    for name, fn in functions.items():
+        runners[name], compile_s, temp, outputs[name] = _compile(fn, args)
+        info[name] = {"compile_s": compile_s, "temp_bytes": temp}
+    for name, runner in (extra or {}).items():
+        runners[name], info[name] = runner, {"compile_s": None, "temp_bytes": None}
+        outputs[name] = runner()
+    rows = _measure(runners, repeats)
+    for name in rows:
+        rows[name].update(info[name])
+    return rows, outputs
+
+
+def bench_curve(n, repeats):
+    args = curve_problem(n, 3)
+    functions = {
+        "value": _solver(gg.log_marginal_likelihood, "markov"),
+        "closed": _value_and_grad_x(_solver(gg.log_marginal_likelihood, "markov")),
+        "autodiff": _value_and_grad_x(_solver(plain_autodiff_value, "markov")),
+    }
+    if jax.default_backend() != "cpu":
+        functions["parallel"] = _value_and_grad_x(_solver(gg.log_marginal_likelihood, "markov-parallel"))
+    if n <= 2000:
+        functions["dense_closed"] = _value_and_grad_x(_solver(gg.log_marginal_likelihood, "dense"))
+    rows, outputs = _row(functions, args, repeats)
+    agreement = {name: _relative(outputs[name][1], outputs["autodiff"][1]) for name in functions if name != "value"}
+    return rows, agreement
+
+
+def bench_matern(n, repeats, peers):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.sort(rng.uniform(0.0, n / 10.0, n)))
+    y = jnp.asarray(np.sin(np.asarray(x)) + 0.1 * rng.normal(size=n))
+    sigma = 0.3
+    args = (kernels.Matern32(1.0, 1.0), x, y, noise.Isotropic(sigma))
+    functions = {
+        "value": _solver(gg.log_marginal_likelihood, "markov"),
+        "closed": _value_and_grad_x(_solver(gg.log_marginal_likelihood, "markov")),
+        "autodiff": _value_and_grad_x(_solver(plain_autodiff_value, "markov")),
+    }
+    checks = {}
+    if peers:
+        import tinygp
+        from tinygp.kernels.quasisep import Matern32
+
+        def tinygp_lml(_kernel, x_, y_, _noise):  # the peer's own kernel and noise, same values
+            return tinygp.GaussianProcess(Matern32(scale=1.0, sigma=1.0), x_, diag=sigma**2).log_probability(y_)
+
+        functions["tinygp_value"] = tinygp_lml
+        functions["tinygp_autodiff"] = _value_and_grad_x(tinygp_lml)
+    rows, outputs = _row(functions, args, repeats)
+    if peers:
+        # The precision-form L omits log|det S| = n log(1/σ): add it for the Gaussian density.
+        ours = float(outputs["value"]) + n * math.log(1.0 / sigma)
+        checks["value_vs_tinygp"] = abs(ours - float(outputs["tinygp_value"])) / abs(float(outputs["tinygp_value"]))
+        checks["gradient_vs_tinygp"] = _relative(outputs["closed"][1], outputs["tinygp_autodiff"][1])
+    checks["gradient_vs_autodiff"] = _relative(outputs["closed"][1], outputs["autodiff"][1])
+    return rows, checks
+
+
+def parallel_check(n):
+    args = curve_problem(n, 3)
+    result = {}
+    for solver in ("markov", "markov-parallel"):
+        fn = jax.jit(_value_and_grad_x(_solver(gg.log_marginal_likelihood, solver)))
+        value, grad = jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        result[solver] = (value, grad, time.perf_counter() - start)
+    (v, g, t), (vp, gp, tp) = result["markov"], result["markov-parallel"]
+    return {
+        "n": n,
+        "value_relative_difference": abs(float(vp) - float(v)) / abs(float(v)),
+        "gradient_relative_difference": _relative(gp, g),
+        "markov_s": t,
+        "parallel_s": tp,
+    }
+
+
+def run(args):
+    sizes = [1000] if args.quick else [1000, 2000, 10_000, 100_000, 1_000_000]
+    matern_n = 10_000 if args.quick else 100_000
+    repeats = lambda n: 3 if args.quick or n >= 1_000_000 or n == 2000 else (5 if n >= 100_000 else args.repeats)  # noqa: E731
+    peers = [] if args.no_peers else [p for p in ("tinygp",) if _importable(p)]
+    report = {"machine": machine_info(args.label), "curve_3d": [], "matern32_1d": None, "parallel_check": None}
+    print(json.dumps(report["machine"], indent=1), flush=True)
+    for n in sizes:
+        rows, agreement = bench_curve(n, repeats(n))
+        base = rows["value"]["median_s"]
+        entry = {
+            "n": n,
+            "series": rows,
+            "ratio_to_value": {k: v["median_s"] / base for k, v in rows.items()},
+            "speedup_closed_vs_autodiff": rows["autodiff"]["median_s"] / rows["closed"]["median_s"],
+            "gradient_max_relative_difference_vs_autodiff": agreement,
+        }
+        if "dense_closed" in rows:
+            entry["speedup_closed_vs_dense"] = rows["dense_closed"]["median_s"] / rows["closed"]["median_s"]
+        report["curve_3d"].append(entry)
+        ratios = "  ".join(f"{k} {v:6.2f}x" for k, v in entry["ratio_to_value"].items())
+        print(f"curve_3d n={n:8d}  value {base * 1e3:9.2f} ms  {ratios}  agreement {agreement}", flush=True)
+    by_n = {e["n"]: e for e in report["curve_3d"]}
+    targets = {
+        "closed_at_most_3x_value": all(e["ratio_to_value"]["closed"] <= 3.0 for e in report["curve_3d"]),
+        "closed_at_least_3x_faster_than_autodiff": all(e["speedup_closed_vs_autodiff"] >= 3.0 for e in report["curve_3d"]),
+    }
+    if 100_000 in by_n and 1_000_000 in by_n:
+        growth = by_n[1_000_000]["series"]["closed"]["median_s"] / by_n[100_000]["series"]["closed"]["median_s"]
+        report["growth_closed_1e5_to_1e6"] = growth
+        targets["linear_growth_at_most_12x"] = growth <= 12.0
+    if 2000 in by_n:
+        targets["at_least_100x_faster_than_dense_at_2000"] = by_n[2000]["speedup_closed_vs_dense"] >= 100.0
+
+    rows, checks = bench_matern(matern_n, args.repeats if not args.quick else 3, peers)
+    base = rows["value"]["median_s"]
+    report["matern32_1d"] = {
+        "n": matern_n,
+        "series": rows,
+        "ratio_to_value": {k: v["median_s"] / base for k, v in rows.items()},
+        "checks": checks,
+    }
+    line = "  ".join(f"{k} {v['median_s'] * 1e3:.2f} ms" for k, v in rows.items())
+    print(f"matern32_1d n={matern_n}  {line}  checks {checks}", flush=True)
+    if peers:
+        targets["closed_at_least_10x_faster_than_tinygp_autodiff"] = (
+            rows["tinygp_autodiff"]["median_s"] >= 10.0 * rows["closed"]["median_s"]
+        )
+        targets["value_within_2x_of_tinygp_value"] = rows["value"]["median_s"] <= 2.0 * rows["tinygp_value"]["median_s"]
+
+    report["parallel_check"] = parallel_check(500 if args.quick else 2000)
+    print(f"parallel_check {report['parallel_check']}", flush=True)
+    report["targets"] = targets
+    print(f"targets {json.dumps(targets)}", flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, f"{args.label}.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1)
+    png_path = plot(report, os.path.join(args.out, f"{args.label}.png"))
+    print(f"wrote {json_path} and {png_path}")
+    return report
+
+
+def _importable(name):
+    try:
+        __import__(name)
+        return True
+    except Exception:  # noqa: BLE001 - a missing or broken peer is reported, not fatal
+        print(f"peer {name} not available; skipped", flush=True)
+        return False
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    entries = report["curve_3d"]
+    for series in ("value", "closed", "autodiff", "parallel", "dense_closed"):
+        points = [(e["n"], e["series"][series]["median_s"]) for e in entries if series in e["series"]]
+        if points:
+            ns, ts = zip(*points)
+            left.loglog(ns, ts, "o-", label=series)
+    ns = np.array([e["n"] for e in entries], float)
+    t0 = entries[0]["series"]["closed"]["median_s"]
+    left.loglog(ns, t0 * ns / ns[0], "k:", alpha=0.5, label="∝ n")
+    left.set_title("3-D camera-ray curve (curve kernel, rank-2 PerPoint), solver='markov'", fontsize=10)
+    left.set_xlabel("n (points)")
+    left.set_ylabel("median time [s]")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    matern = report["matern32_1d"]
+    names = list(matern["series"])
+    times = [matern["series"][k]["median_s"] * 1e3 for k in names]
+    bars = right.bar(range(len(names)), times, color=["C0", "C1", "C2", "C4", "C5"][: len(names)])
+    right.set_yscale("log")
+    right.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+    right.set_ylabel("median time [ms]")
+    right.set_title(f"Matérn 3/2, 1-D, isotropic, n = {matern['n']:,}", fontsize=10)
+    for bar, t in zip(bars, times):
+        right.text(bar.get_x() + bar.get_width() / 2, t, f"{t:.1f}", ha="center", va="bottom", fontsize=8)
+    machine = report["machine"]
+    fig.suptitle(f"gpgrad_jax state-space solver — {machine['device']} ({machine['backend']}), {machine['cpu']}, float64", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    run(ARGS)
