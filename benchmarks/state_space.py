@@ -14,8 +14,8 @@ process as in ``benchmarks/run.py`` (whose helpers this script uses):
   (``solver="markov-parallel"``).
 * ``matern32_1d``: Matérn 3/2, isotropic noise, n = 10⁵ — ours against tinygp's quasiseparable
   solver (``tinygp_value``, and ``tinygp_autodiff`` = its ``value_and_grad`` in ``x``).
-* ``parallel_check``: ``"markov-parallel"`` against ``"markov"`` at n = 2000 (correctness on CPU;
-  compiling the associative scans is slow on XLA:CPU, about 30 s at n = 10⁴).
+* ``parallel_check``: ``"markov-parallel"`` against ``"markov"`` at n = 500 (correctness on CPU;
+  compiling the associative scans is slow on XLA:CPU, 10–20 s).
 """
 
 from __future__ import annotations
@@ -161,6 +161,10 @@ def run(args):
     peers = [] if args.no_peers else [p for p in ("tinygp",) if _importable(p)]
     report = {"machine": machine_info(args.label), "curve_3d": [], "matern32_1d": None, "parallel_check": None}
     print(json.dumps(report["machine"], indent=1), flush=True)
+    # At n = 500: at n = 2000, compiling the parallel solver's value_and_grad in this script
+    # (not in a bare process) never finished, its threads idle; not understood yet.
+    report["parallel_check"] = parallel_check(500)
+    print(f"parallel_check {report['parallel_check']}", flush=True)
     for n in sizes:
         rows, agreement = bench_curve(n, repeats(n))
         base = rows["value"]["median_s"]
@@ -204,8 +208,6 @@ def run(args):
         )
         targets["value_within_2x_of_tinygp_value"] = rows["value"]["median_s"] <= 2.0 * rows["tinygp_value"]["median_s"]
 
-    report["parallel_check"] = parallel_check(500 if args.quick else 2000)
-    print(f"parallel_check {report['parallel_check']}", flush=True)
     report["targets"] = targets
     print(f"targets {json.dumps(targets)}", flush=True)
 
@@ -219,12 +221,12 @@ def run(args):
 
 
 def _importable(name):
-    try:
-        __import__(name)
-        return True
-    except Exception:  # noqa: BLE001 - a missing or broken peer is reported, not fatal
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:  # imported only when used: see run()
         print(f"peer {name} not available; skipped", flush=True)
         return False
+    return True
 
 
 def plot(report, path):
