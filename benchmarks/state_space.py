@@ -44,7 +44,7 @@ def _parse():
 
 ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None and not ARGS.all_threads:
-    from run import THREAD_ENV  # noqa: E402  (sets nothing by itself; jax is imported below)
+    from run import THREAD_ENV
 
     for key, value in THREAD_ENV.items():
         os.environ.setdefault(key, value)
@@ -55,10 +55,10 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from run import _compile, _measure, curve_problem, machine_info, plain_autodiff_value  # noqa: E402
 
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
-from run import _compile, _measure, curve_problem, machine_info, plain_autodiff_value  # noqa: E402
 
 
 def _solver(fn, solver):

@@ -42,7 +42,6 @@ import optax  # noqa: E402
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
 
-
 # ----------------------------------------------------------------- the scene
 
 
@@ -220,7 +219,7 @@ def save_plots(out_dir, scene, x_before, x_after, kernel, trace, adam_steps):
     os.makedirs(out_dir, exist_ok=True)
     y, nz = jnp.asarray(scene.observed), noise.PerPoint(jnp.asarray(scene.blocks))
     grid = jnp.linspace(float(x_after.min()), float(x_after.max()), 300)
-    mean_curve, variance = gg.predict(kernel, jnp.asarray(x_after), y, nz, grid)
+    mean_curve, _ = gg.predict(kernel, jnp.asarray(x_after), y, nz, grid)
     recon_points, _ = gg.predict(kernel, jnp.asarray(x_after), y, nz, jnp.asarray(x_after))
 
     fig = plt.figure(figsize=(13, 4.6))

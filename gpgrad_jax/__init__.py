@@ -9,15 +9,15 @@ from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood
 from gpgrad_jax._predict import predict
 from gpgrad_jax._validation import FactorizationError, NumericalError, value_checks
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FactorizationError",
+    "NumericalError",
     "index_gradient",
     "kernels",
     "log_marginal_likelihood",
     "noise",
-    "NumericalError",
     "predict",
     "reference",
     "value_checks",

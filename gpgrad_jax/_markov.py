@@ -135,7 +135,7 @@ def _layout(components, dtype) -> Layout:
 
 def _block_diagonal(blocks, size):
     batch = blocks[0].shape[:-2]
-    out = jnp.zeros(batch + (size, size), blocks[0].dtype)
+    out = jnp.zeros((*batch, size, size), blocks[0].dtype)
     start = 0
     for block in blocks:
         stop = start + block.shape[-1]
@@ -155,7 +155,7 @@ def _lift(matrix, p):
 
 def build_model(components, layout: Layout, x, blocks, r) -> Model:
     """Sort the points and assemble ``A_k, Q_k, C_k, o_k`` (see the module docstring)."""
-    n, p, q = r.shape
+    n, p, _ = r.shape
     # Sorting, and gathering or scattering by a permutation, cost as much as the filter itself
     # on XLA:CPU: skip them for sorted input.
     is_sorted = jnp.all(x[1:] >= x[:-1])
@@ -218,7 +218,7 @@ def _split(rows, shapes):
 
 
 def filter_sequential(model: Model) -> Filtered:
-    n, big, _ = model.transition.shape
+    _, big, _ = model.transition.shape
     q = model.obs.shape[-1]
     dtype = model.transition.dtype
 
@@ -399,7 +399,7 @@ def _read(smoothed: Smoothed, layout: Layout, p: int, groups):
     Static slices and sums: the same contraction with one-hot read-out vectors lowers to dots
     that XLA:CPU ran 20× slower inside the whole gradient program than alone.
     """
-    n, big, q = smoothed.mean.shape
+    n, _, q = smoothed.mean.shape
     mean = smoothed.mean.reshape(n, p, layout.size, q)
     cov = smoothed.cov.reshape(n, p, layout.size, p, layout.size)
     cov_f = sum(cov[..., start] for start in layout.starts)  # Cov(s_·, f), (n, p, k, p)
@@ -417,7 +417,7 @@ def _contract(z, blocks, read_mean, read_cov):
 
 def marginal_terms(smoothed: Smoothed, model: Model, layout: Layout, components):
     """The index gradient (sorted), per-component (value, slope) terms and the marginals."""
-    n, p, q = model.residual.shape
+    n, p, _ = model.residual.shape
     (f_mean,), (f_cov,) = _read(smoothed, layout, p, [layout.starts])
     residual = model.residual - f_mean
     z = _mm(_t(model.blocks), _mm(model.blocks, residual))
@@ -430,7 +430,7 @@ def marginal_terms(smoothed: Smoothed, model: Model, layout: Layout, components)
 
 def _prior_gradients(smoothed: Smoothed, p: int, k: int):
     """``½(ν_kν_kᵀ − q N_k)``, the gradient in ``P⁻_k``, summed over the ``p`` coordinates: (n, k, k)."""
-    n, big, q = smoothed.nu.shape
+    n, _, q = smoothed.nu.shape
     nu = smoothed.nu.reshape(n, p, k, q)
     info = smoothed.info.reshape(n, p, k, p, k)
     outer = jnp.einsum("najq,nalq->njl", nu, nu)
@@ -439,7 +439,7 @@ def _prior_gradients(smoothed: Smoothed, p: int, k: int):
 
 def component_cotangents(components, layout, terms, smoothed, model):
     """Cotangents of the components' parameters, in the components' own structure."""
-    n, p, _ = model.residual.shape
+    _, p, _ = model.residual.shape
     x = model.x
     prior_grad = None
     out = []
@@ -479,7 +479,7 @@ def _setup(kernel, noise, x, r):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(parallel, kernel, noise, x, r):
-    components, layout, model = _setup(kernel, noise, x, r)
+    _, _, model = _setup(kernel, noise, x, r)
     filtered = (filter_parallel if parallel else filter_sequential)(model)
     return log_likelihood(filtered, model), (model, filtered)
 
@@ -502,7 +502,7 @@ def _check(*results):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def log_marginal_likelihood(parallel, kernel, noise, x, r):
     """``L`` by the Kalman filter; its ``custom_vjp`` is the closed form from the smoother."""
-    value, state = _forward(parallel, kernel, noise, x, r)
+    value, _ = _forward(parallel, kernel, noise, x, r)
     _check(value)
     return value
 

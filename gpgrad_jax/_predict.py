@@ -71,17 +71,17 @@ def predict(
         raise ValueError(
             f"`x_new` must have shape (n_new,) + {x.shape[1:]} like `x`, got shape {x_new.shape}"
         )
-    n, dim = r.shape
+    _, dim = r.shape
     n_new = x_new.shape[0]
     if mean_new is None:
         mean_new = jnp.zeros((n_new, dim), x.dtype)
     else:
         mean_new = _as_float_array("mean_new", mean_new)
-        expected = (n_new,) + tuple(y_shape[1:])
+        expected = (n_new, *tuple(y_shape[1:]))
         if mean_new.shape != expected:
             raise ValueError(f"`mean_new` must have shape {expected}, got shape {mean_new.shape}")
         mean_new = mean_new.reshape(n_new, dim).astype(x.dtype)
 
     offset, variance = resolve(solver, kernel, noise, x).predict(kernel, noise, x, r, x_new)
-    out_shape = (n_new,) + tuple(y_shape[1:])
+    out_shape = (n_new, *tuple(y_shape[1:]))
     return (mean_new + offset).reshape(out_shape), jnp.maximum(variance, 0.0).reshape(out_shape)

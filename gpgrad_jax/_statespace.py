@@ -126,7 +126,7 @@ class Matern:
         return stationary - small_matmul(small_matmul(a, stationary), jnp.swapaxes(a, -1, -2))
 
     def initial(self, t):
-        return jnp.broadcast_to(self.stationary(), jnp.shape(t) + (self.size, self.size))
+        return jnp.broadcast_to(self.stationary(), (*jnp.shape(t), self.size, self.size))
 
 
 @functools.singledispatch

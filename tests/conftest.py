@@ -13,9 +13,9 @@ import jax
 if os.environ.get("JAX_ENABLE_X64") is None:
     jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import jax.numpy as jnp
+import pytest
+from hypothesis import HealthCheck, settings
 
 _common = dict(
     derandomize=True,

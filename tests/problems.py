@@ -93,7 +93,7 @@ class Problem:
     def args(self):
         return self.kernel, self.x, self.y, self.noise, self.mean
 
-    def astype(self, dtype) -> "Problem":
+    def astype(self, dtype) -> Problem:
         cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
         return Problem(*(jax.tree_util.tree_map(cast, a) for a in self.args()))
 
@@ -125,7 +125,7 @@ index_dims = st.sampled_from([None, 2])
 
 def assert_trees_close(actual, expected, rtol, what=""):
     """Leafwise ``‖a − e‖∞ ≤ rtol · max(‖e‖∞, 1)``; also checks structure and finiteness."""
-    actual_leaves, actual_def = jax.tree_util.tree_flatten(actual)
+    _actual_leaves, actual_def = jax.tree_util.tree_flatten(actual)
     expected_leaves, expected_def = jax.tree_util.tree_flatten(expected)
     assert actual_def == expected_def, f"{what}: structure {actual_def} != {expected_def}"
     for path_and_a, e in zip(jax.tree_util.tree_leaves_with_path(actual), expected_leaves):

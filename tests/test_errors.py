@@ -11,16 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import checkify
+from problems import assert_trees_close
 
 import gpgrad_jax as gg
 from gpgrad_jax import kernels, noise
-from problems import assert_trees_close
 
 N = 5
 CURVE = kernels.CubicSpline(1.0) + kernels.Linear(0.5) + kernels.Constant(1.0)
 X = jnp.linspace(0.1, 2.0, N)
 Y3 = jnp.stack([jnp.sin(X), jnp.cos(X), X], axis=1)
 BLOCKS = jnp.broadcast_to(jnp.eye(3) / 0.2, (N, 3, 3))
+PER_POINT = noise.PerPoint(BLOCKS)
 
 # (description, kwargs overriding the good call, exception, substrings of the message)
 BAD_INPUTS = [
@@ -64,7 +65,7 @@ NON_ARRAY_CASES = {"not a kernel", "not a noise"}
 assert VALUE_CASES | NON_ARRAY_CASES <= {case[0] for case in BAD_INPUTS}
 
 
-def _call(fn, kernel=CURVE, x=X, y=Y3, noise=noise.PerPoint(BLOCKS), mean=None):
+def _call(fn, kernel=CURVE, x=X, y=Y3, noise=PER_POINT, mean=None):
     return fn(kernel, x, y, noise, mean)
 
 

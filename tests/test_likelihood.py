@@ -7,9 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-
-import gpgrad_jax as gg
-from gpgrad_jax import kernels, noise
 from problems import (
     KERNELS,
     NOISES,
@@ -20,6 +17,9 @@ from problems import (
     make_problem,
     seeds,
 )
+
+import gpgrad_jax as gg
+from gpgrad_jax import kernels, noise
 
 ALL_ARGS = (0, 1, 2, 3, 4)  # kernel, x, y, noise, mean
 
@@ -165,7 +165,7 @@ def test_vmap_over_data_sets_and_index_sets(kernel_name, noise_kind, rtol):
 
 def test_vmap_over_noise_and_kernel_parameters(rtol):
     problem = make_problem("curve", "per_point_rank_deficient", 3, 3, None)
-    kernel, x, y, nz, mean = problem.args()
+    _kernel, x, y, nz, mean = problem.args()
     variances = jnp.array([0.5, 1.0, 2.0], x.dtype)
     blocks = jnp.stack([nz.blocks, 2.0 * nz.blocks, 0.5 * nz.blocks])
 

@@ -9,11 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-
-import gpgrad_jax as gg
-from gpgrad_jax import kernels, noise
-from gpgrad_jax._solvers import resolve
-from gpgrad_jax._statespace import state_space
 from problems import (
     MARKOV_KERNELS,
     MARKOV_NOISES,
@@ -23,6 +18,11 @@ from problems import (
     make_markov_problem,
     seeds,
 )
+
+import gpgrad_jax as gg
+from gpgrad_jax import kernels, noise
+from gpgrad_jax._solvers import resolve
+from gpgrad_jax._statespace import state_space
 
 ALL_ARGS = (0, 1, 2, 3, 4)  # kernel, x, y, noise, mean
 MARKOV_SOLVERS = ("markov", "markov-parallel")
@@ -181,7 +181,7 @@ def test_float32_long_curve_is_close_to_float64(x64):
     f = jax.jit(jax.value_and_grad(functools.partial(gg.log_marginal_likelihood, solver="markov"), argnums=1))
     results = {}
     for dtype in (jnp.float32, jnp.float64):
-        cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        cast = functools.partial(jnp.asarray, dtype=dtype)
         results[dtype] = f(jax.tree_util.tree_map(cast, kernel), cast(x), cast(y), noise.PerPoint(cast(blocks)))
     (v32, g32), (v64, g64) = results[jnp.float32], results[jnp.float64]
     assert np.isfinite(v32) and np.all(np.isfinite(g32))

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from problems import NOISES, data_dims, index_dims, make_problem, seeds
 
 import gpgrad_jax as gg
 from gpgrad_jax import noise
 from gpgrad_jax._likelihood import prepare
 from gpgrad_jax._solvers import resolve
-from problems import NOISES, data_dims, index_dims, make_problem, seeds
 
 
 def _dense_posterior(kernel, x, y, nz, mean, x_new):
@@ -36,7 +36,7 @@ def test_predict_matches_dense_formula(noise_kind, seed, dim, index_dim, rtol):
     x_new = jnp.concatenate([x[:2], x[:3] + 0.37])  # at data points and between them
     mu, var = gg.predict(kernel, x, y, nz, x_new, mean=mean)
     want_mu, want_var = _dense_posterior(kernel, x, y, nz, mean, x_new)
-    assert mu.shape == var.shape == (5,) + y.shape[1:]
+    assert mu.shape == var.shape == (5, *y.shape[1:])
     np.testing.assert_allclose(mu.reshape(5, -1), want_mu, rtol=100 * rtol, atol=100 * rtol)
     np.testing.assert_allclose(var.reshape(5, -1), want_var, rtol=100 * rtol, atol=100 * rtol)
 
@@ -58,7 +58,7 @@ def test_variance_clamp_only_hides_rounding(solver, x64):
 
 def test_predict_validates_new_indices():
     problem = make_problem("curve", "isotropic", 0, 3, None)
-    kernel, x, y, nz, mean = problem.args()
+    kernel, x, y, nz, _mean = problem.args()
     with pytest.raises(ValueError, match="x_new"):
         gg.predict(kernel, x, y, nz, jnp.ones((3, 2)))
     with pytest.raises(ValueError, match="mean_new"):
