@@ -42,21 +42,24 @@ THREAD_ENV = {
 }
 
 
-def _parse():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_arguments(doc, default_label):
+    """The options of the benchmark scripts.  Unless ``--all-threads``, pins the CPU threads to
+    one — before JAX starts its backend, which is when it reads ``XLA_FLAGS``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--label", default="cpu", help="file name stem and device label")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--label", default=default_label, help="file name stem and device label")
     parser.add_argument("--all-threads", action="store_true", help="do not pin CPU threads to one")
     parser.add_argument("--no-peers", action="store_true")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not args.all_threads:
+        for key, value in THREAD_ENV.items():
+            os.environ.setdefault(key, value)
+    return args
 
 
-ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and not ARGS.all_threads:
-    for key, value in THREAD_ENV.items():
-        os.environ.setdefault(key, value)
+ARGS = parse_arguments(__doc__, "cpu") if __name__ == "__main__" else None
 
 import jax  # noqa: E402
 

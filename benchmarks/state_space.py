@@ -20,7 +20,6 @@ process as in ``benchmarks/run.py`` (whose helpers this script uses):
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -30,32 +29,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Importing run imports JAX (in float64) but starts no backend: the thread flags still apply.
+from run import _compile, _measure, curve_problem, machine_info, parse_arguments, plain_autodiff_value
 
-def _parse():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--label", default="state_space_cpu")
-    parser.add_argument("--all-threads", action="store_true", help="do not pin CPU threads to one")
-    parser.add_argument("--no-peers", action="store_true")
-    return parser.parse_args()
-
-
-ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and not ARGS.all_threads:
-    from run import THREAD_ENV
-
-    for key, value in THREAD_ENV.items():
-        os.environ.setdefault(key, value)
+ARGS = parse_arguments(__doc__, "state_space_cpu") if __name__ == "__main__" else None
 
 import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from run import _compile, _measure, curve_problem, machine_info, plain_autodiff_value  # noqa: E402
 
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
