@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark suites on a CUDA GPU: installs the CUDA build of JAX in its own venv, then runs
-# benchmarks/run.py and benchmarks/state_space.py, which write benchmarks/results/gpu_<card>.* and
+# benchmarks/run.py, benchmarks/state_space.py and (on several GPUs) benchmarks/sharding.py, which write benchmarks/results/gpu_<card>.* and
 # state_space_gpu_<card>.* in the CPU runs' form.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,3 +12,7 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr -c 'A-
 # The state-space solver: "markov" and "markov-parallel" up to n = 10⁶ (target for the parallel
 # value_and_grad at n = 10⁶: under 50 ms on one GPU).
 .venv-gpu/bin/python benchmarks/state_space.py --all-threads --label "state_space_gpu_${card}"
+# Weak scaling of a sharded batch of curves over every GPU of the machine (1, 2, 4, … devices).
+if [ "$(.venv-gpu/bin/python -c 'import jax; print(jax.device_count())')" -gt 1 ]; then
+  .venv-gpu/bin/python benchmarks/sharding.py --all-threads --label "sharding_gpu_${card}"
+fi

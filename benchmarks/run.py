@@ -42,10 +42,13 @@ THREAD_ENV = {
 }
 
 
-def parse_arguments(doc, default_label):
-    """The options of the benchmark scripts.  Unless ``--all-threads``, pins the CPU threads to
-    one — before JAX starts its backend, which is when it reads ``XLA_FLAGS``."""
+def parse_arguments(doc, default_label, add_arguments=None):
+    """The options of the benchmark scripts (``add_arguments(parser)`` adds a script's own).
+    Unless ``--all-threads``, pins the CPU threads to one — before JAX starts its backend,
+    which is when it reads ``XLA_FLAGS``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))

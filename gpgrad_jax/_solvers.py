@@ -54,3 +54,30 @@ def resolve(solver: str, kernel, noise, x):
     if obstacle is not None:
         raise ValueError(f"solver={solver!r} cannot be used here: {obstacle}")
     return _MARKOV[solver == "markov-parallel"]
+
+
+def run(method, *args):
+    """``method(*args)``; under a mesh with explicit axes, a sharding failure gets the recipe.
+
+    Under a mesh with ``AxisType.Explicit`` axes (``jax.make_mesh``'s default), ``vmap`` over a
+    batch sharded along such an axis puts a sharding into every array's type, and several of
+    JAX's batching rules (``stack``, reshapes that merge two axis pairs) then refuse to trace.
+    The solvers never communicate between problems, so the remedy is to run the batched
+    function with the axes automatic — ``jax.sharding.auto_axes`` — where the partitioner keeps
+    each problem on its own device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+        return method(*args)
+    try:
+        return method(*args)
+    except Exception as err:
+        if type(err).__name__ != "ShardingTypeError":
+            raise
+        raise TypeError(
+            f"the solvers cannot trace with the explicit mesh axes {mesh.explicit_axes} ({err}). "
+            "Run the batched function with the axes automatic: "
+            "jax.sharding.auto_axes(jax.vmap(f), out_sharding=PartitionSpec('batch'))(...) inside "
+            "jax.jit, or build the mesh with axis_types=(jax.sharding.AxisType.Auto,); see the "
+            "README's 'Scaling out'."
+        ) from err

@@ -10,8 +10,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(script, *args, tmp_path):
-    env = dict(os.environ, MPLBACKEND="Agg")
+def _run(script, *args, tmp_path, **env_vars):
+    env = dict(os.environ, MPLBACKEND="Agg", **env_vars)
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(tmp_path), *args],
         capture_output=True,
@@ -58,6 +58,15 @@ def test_many_curves_in_one_vmapped_step(tmp_path):
     before, after = (float(v) for v in lines[-1].removeprefix("index error: ").split(" -> "))
     assert after * 3 <= before, lines[-1]
     assert (tmp_path / "many_curves.png").stat().st_size > 5_000
+
+
+def test_many_curves_sharded_over_four_host_devices(tmp_path):
+    one = _run("many_curves.py", "--no-plots", tmp_path=tmp_path)
+    flags = "--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false"
+    four = _run("many_curves.py", "--devices", "4", "--no-plots", tmp_path=tmp_path, XLA_FLAGS=flags)
+    assert "collectives in the compiled step: none" in four
+    assert any("on 4 device(s) (2 per device)" in line for line in four), four
+    assert four[-1] == one[-1] and four[-1].startswith("index error: ")
 
 
 def test_long_curve_recovers_indices_with_the_markov_solver(tmp_path):
