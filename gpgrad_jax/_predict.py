@@ -40,10 +40,15 @@ def predict(
     joining the filter as points with zero precision: O(n + n_new).
 
     Args:
-        kernel, x, y, noise, mean, solver: as in :func:`gpgrad_jax.log_marginal_likelihood`.
+        kernel: as in :func:`gpgrad_jax.log_marginal_likelihood`.
+        x: the data's indices, as there.
+        y: the data, as there.
+        noise: the data's noise, as there.
         x_new: new indices, shape ``(n_new,)`` or ``(n_new, d)`` like ``x``.
+        mean: the prior mean at ``x``, as there.
         mean_new: prior mean at ``x_new``, shape ``(n_new,)`` or ``(n_new, D)``
             like ``y``; ``None`` means zero.
+        solver: as in :func:`gpgrad_jax.log_marginal_likelihood`.
 
     Returns:
         ``(mean, variance)``, each of shape ``(n_new,)`` for 1-D data or

@@ -1,9 +1,19 @@
 """Strict test configuration.
 
-* Precision: float64 unless the environment says ``JAX_ENABLE_X64=0`` (the
-  README's test command runs the suite both ways).
-* Hypothesis: deterministic (derandomised), no deadline (the first call of a
-  shape compiles), examples chosen by ``HYPOTHESIS_PROFILE`` (``ci`` default).
+* Precision: float64 unless the environment says ``JAX_ENABLE_X64=0``.
+* Profiles, chosen by ``GPGRAD_TESTS``:
+
+  - ``fast`` (the default; the README's test command): 4 hypothesis examples per property,
+    tests marked ``slow`` (the examples beyond the quick-start demo, the benchmark smoke tests,
+    the four-device sharding run) deselected; the float32 pass takes only the tests marked
+    ``float32`` — where float32 can break: closed form against autodiff, the filter's precision,
+    conditioning errors, overflow.
+  - ``full`` (``.ci/run`` runs it after the fast one): 12 examples per property, every test, in
+    both precisions.
+
+  ``HYPOTHESIS_PROFILE=thorough`` gives 200 examples per property in either.
+* Hypothesis: deterministic (derandomised), no deadline (the first call of a shape compiles).
+* JAX's persistent compilation cache (in ``~/.cache/gpgrad_jax``) makes repeated runs faster.
 """
 
 import os
@@ -23,9 +33,27 @@ _common = dict(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+PROFILE = os.environ.get("GPGRAD_TESTS", "fast")
+if PROFILE not in ("fast", "full"):
+    raise ValueError(f"GPGRAD_TESTS must be 'fast' or 'full', got {PROFILE!r}")
+settings.register_profile("fast", max_examples=4, **_common)
 settings.register_profile("ci", max_examples=12, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if PROFILE == "full" else "fast"))
+
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gpgrad_jax", "jax"),
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    if PROFILE == "full":
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")
@@ -40,4 +68,7 @@ def rtol(x64) -> float:
 
 
 def pytest_report_header(config):
-    return f"jax {jax.__version__}, x64={jax.config.jax_enable_x64}, default float {jnp.zeros(()).dtype}"
+    return (
+        f"jax {jax.__version__}, x64={jax.config.jax_enable_x64}, default float {jnp.zeros(()).dtype}, "
+        f"profile {PROFILE} (GPGRAD_TESTS)"
+    )

@@ -93,6 +93,7 @@ def test_bad_input_raises_a_clear_error(case, fn_name):
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("solver", ["dense", "markov"])
 def test_integer_indices_and_data_are_promoted_like_jax_numpy(solver, rtol):
     """Frame numbers and integer counts: the same result as the float arrays jnp would make."""
@@ -126,6 +127,7 @@ def test_value_checks_under_jit_with_checkify():
             error.throw()
 
 
+@pytest.mark.float32
 def test_failed_factorisation_names_the_cause_and_the_remedy():
     x = jnp.linspace(0.0, 3000.0, 40, dtype=jnp.float32)
     y = jnp.sin(x)
@@ -134,7 +136,8 @@ def test_failed_factorisation_names_the_cause_and_the_remedy():
             fn(kernels.CubicSpline(1.0), x, y, noise.Isotropic(jnp.float32(0.01)), solver="dense")
 
 
-@pytest.mark.parametrize("solver", ["markov", "markov-parallel"])
+@pytest.mark.float32
+@pytest.mark.parametrize("solver", ["markov", pytest.param("markov-parallel", marks=pytest.mark.slow)])
 def test_state_space_overflow_names_the_cause_and_the_remedy(solver):
     """float32, gaps of 77 under the cubic spline with rank-2 blocks: the filter's covariances
     overflow float32's precision; the NaN it would return is an error instead."""
@@ -150,6 +153,7 @@ def test_state_space_overflow_names_the_cause_and_the_remedy(solver):
             fn(*args, solver=solver)
 
 
+@pytest.mark.float32
 def test_overflow_of_the_value_says_so():
     y = jnp.array([0.0, 0.0, 1e30], jnp.float32)
     with pytest.raises(gg.NumericalError, match=r"(?s)overflowed float32.*rescale"):
@@ -178,12 +182,14 @@ HARD_CASES = {
 }
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("case", sorted(HARD_CASES))
 def test_hard_but_valid_inputs_are_finite_and_match_the_reference(case, rtol):
     kernel, x, nz = HARD_CASES[case]
     _agree_with_reference(kernel, x, Y3, nz or noise.PerPoint(BLOCKS), rtol)
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("kernel_type", [kernels.ExpSquared, kernels.Matern32, kernels.Matern52])
 def test_lengthscale_whose_square_underflows_gives_an_exact_white_kernel(kernel_type, x64):
     """ℓ² underflows and (x_i − x_j)/ℓ² overflows: K must be σ²I and ∂L/∂x exactly 0, not NaN."""
@@ -195,6 +201,7 @@ def test_lengthscale_whose_square_underflows_gives_an_exact_white_kernel(kernel_
     np.testing.assert_array_equal(grad_x, np.zeros(N))
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("nz", [noise.Isotropic(0.3), noise.PerPoint(jnp.ones((1, 3, 3))), noise.Dense(jnp.ones((2, 3)))])
 def test_a_single_point(nz, rtol):
     _agree_with_reference(CURVE, jnp.array([0.4]), Y3[:1], nz, rtol)
@@ -247,6 +254,7 @@ def arbitrary_calls(draw):
     return kernel, array(x_dims), array(y_shape), nz, mean
 
 
+@pytest.mark.float32
 @settings(max_examples=150)
 @given(call=arbitrary_calls(), fn=st.sampled_from(["value", "grad", "index_gradient"]))
 def test_fuzz_public_functions_return_finite_or_raise_documented_errors(call, fn):

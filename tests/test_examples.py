@@ -30,6 +30,7 @@ def _once(x64):
         pytest.skip("examples run in the float64 session only")
 
 
+@pytest.mark.slow  # the README's run command runs it too
 def test_camera_rays_recovers_indices(tmp_path):
     lines = _run("camera_rays.py", tmp_path=tmp_path)
     last = lines[-1]
@@ -40,12 +41,14 @@ def test_camera_rays_recovers_indices(tmp_path):
     assert any("lbfgs iter" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_camera_rays_learns_kernel_jointly(tmp_path):
     lines = _run("camera_rays.py", "--learn-kernel", "--no-plots", tmp_path=tmp_path)
     before, after = (float(v) for v in lines[-1].removeprefix("index error: ").split(" -> "))
     assert after * 5 <= before, lines[-1]
 
 
+@pytest.mark.slow
 def test_gplvm_improves_the_layout(tmp_path):
     lines = _run("gplvm.py", tmp_path=tmp_path)
     before, after = (float(v) for v in lines[-1].removeprefix("layout error (Procrustes): ").split(" -> "))
@@ -53,6 +56,7 @@ def test_gplvm_improves_the_layout(tmp_path):
     assert (tmp_path / "gplvm.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_many_curves_in_one_vmapped_step(tmp_path):
     lines = _run("many_curves.py", tmp_path=tmp_path)
     before, after = (float(v) for v in lines[-1].removeprefix("index error: ").split(" -> "))
@@ -60,6 +64,7 @@ def test_many_curves_in_one_vmapped_step(tmp_path):
     assert (tmp_path / "many_curves.png").stat().st_size > 5_000
 
 
+@pytest.mark.slow
 def test_many_curves_sharded_over_four_host_devices(tmp_path):
     one = _run("many_curves.py", "--no-plots", tmp_path=tmp_path)
     flags = "--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false"
@@ -69,6 +74,7 @@ def test_many_curves_sharded_over_four_host_devices(tmp_path):
     assert four[-1] == one[-1] and four[-1].startswith("index error: ")
 
 
+@pytest.mark.slow
 def test_long_curve_recovers_indices_with_the_markov_solver(tmp_path):
     lines = _run("long_curve.py", tmp_path=tmp_path)
     last = lines[-1]
@@ -79,6 +85,7 @@ def test_long_curve_recovers_indices_with_the_markov_solver(tmp_path):
     assert any("lbfgs iter" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_jittered_times_recovers_time_stamps(tmp_path):
     lines = _run("jittered_times.py", tmp_path=tmp_path)
     last = lines[-1]
@@ -88,6 +95,7 @@ def test_jittered_times_recovers_time_stamps(tmp_path):
     assert (tmp_path / "jittered_times.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     import json
 
@@ -107,6 +115,7 @@ def test_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     assert (tmp_path / "smoke.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_state_space_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     import json
 

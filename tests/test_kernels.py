@@ -24,6 +24,7 @@ def _points(rng, scalar_only, index_dim, dtype):
     return [jnp.asarray(rng.normal(size=shape), dtype) for _ in range(2)]
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("kernel_name", sorted(KERNELS))
 @given(seed=seeds, index_dim=st.sampled_from([None, 3]), coincide=st.booleans())
 def test_grad_first_matches_autodiff_of_evaluate(kernel_name, seed, index_dim, coincide, rtol):
@@ -41,6 +42,7 @@ def test_grad_first_matches_autodiff_of_evaluate(kernel_name, seed, index_dim, c
     np.testing.assert_allclose(hand, auto, rtol=rtol, atol=rtol)
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("kernel_name", sorted(KERNELS))
 def test_grad_first_matches_central_differences_including_the_diagonal(kernel_name, x64):
     """Autodiff could share a bug with the hand rule; differences cannot."""

@@ -38,6 +38,7 @@ def closed_form_and_reference(*args):
     )
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("noise_kind", NOISES)
 @pytest.mark.parametrize("kernel_name", sorted(KERNELS))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
@@ -104,6 +105,7 @@ def test_kernel_parameter_gradient_matches_finite_differences(kernel_name, seed,
         np.testing.assert_allclose(grads[i], numeric, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("kernel_name", sorted(KERNELS))
 @pytest.mark.parametrize("pattern", ["pair", "all_equal"])
 def test_coincident_indices_give_finite_exact_gradients(kernel_name, pattern, x64):
@@ -197,6 +199,7 @@ def test_second_derivatives_equal_reference_hessian(x64):
         jax.jvp(f, (x,), (jnp.ones_like(x),))
 
 
+@pytest.mark.float32
 def test_float32_agrees_with_float64_on_a_well_scaled_problem(x64):
     if not x64:
         pytest.skip("needs float64 for the comparison")

@@ -8,6 +8,7 @@ import pytest
 from gpgrad_jax._linalg import cho_inverse, cho_inverse_lower, symmetrize_lower
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("m", [1, 7, 256, 300, 777])
 def test_inverse_from_factor_matches_dense_inverse(m, x64):
     rng = np.random.default_rng(m)

@@ -51,6 +51,7 @@ def _check_against_dense(solver, problem, rtol):
     assert_trees_close(explicit, (ref_value, ref_grads[1]), rtol, f"{solver} index_gradient")
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("noise_kind", MARKOV_NOISES)
 @pytest.mark.parametrize("kernel_name", sorted(MARKOV_KERNELS))
 @given(seed=seeds, dim=data_dims)
@@ -60,6 +61,8 @@ def test_markov_solver_equals_the_dense_solver(kernel_name, noise_kind, seed, di
     _check_against_dense("markov", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
 
 
+@pytest.mark.slow  # compiling the associative scans takes 5–20 s per shape on CPU
+@pytest.mark.float32
 @pytest.mark.parametrize(
     "kernel_name, noise_kind, dim",
     [("scaled_sum", "per_point_rank_deficient", 3), ("curve", "isotropic", 3), ("matern52", "per_point", 1)],
@@ -122,6 +125,7 @@ def test_state_space_forms_reproduce_the_kernels(kernel_name, x64):
     np.testing.assert_allclose(slope, kernel.grad_first(a, b), rtol=tol, atol=tol)
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("solver", MARKOV_SOLVERS)
 def test_all_equal_indices_are_exact_not_nan(solver, rtol):
     kernel, x, y, nz, mean = make_markov_problem("scaled_sum", "per_point_rank_deficient", 5, 3).args()
@@ -130,7 +134,8 @@ def test_all_equal_indices_are_exact_not_nan(solver, rtol):
     assert_trees_close(got, _value_and_grads("dense", kernel, x, y, nz, mean), rtol, "all equal")
 
 
-@pytest.mark.parametrize("solver", MARKOV_SOLVERS)
+@pytest.mark.float32
+@pytest.mark.parametrize("solver", ["markov", pytest.param("markov-parallel", marks=pytest.mark.slow)])
 def test_predict_equals_the_dense_posterior(solver, rtol):
     for noise_kind, dim in (("isotropic", 3), ("per_point_rank_deficient", 3), ("per_point", 1)):
         kernel, x, y, nz, mean = make_markov_problem("scaled_sum", noise_kind, 2, dim).args()
@@ -166,6 +171,7 @@ def test_markov_forms_no_n_by_n_array():
     assert not any(s.count(n) >= 2 for s in shapes), sorted(s for s in shapes if s.count(n) >= 2)
 
 
+@pytest.mark.float32
 def test_float32_long_curve_is_close_to_float64(x64):
     """The benchmark's camera-ray curve at n = 10⁴: float32 value and gradient within 1e-3 of float64."""
     if not x64:

@@ -27,6 +27,7 @@ def _dense_posterior(kernel, x, y, nz, mean, x_new):
     return mu.reshape(-1, dim), jnp.diagonal(cov).reshape(-1, dim)
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("noise_kind", NOISES)
 @settings(max_examples=6)
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
@@ -41,6 +42,7 @@ def test_predict_matches_dense_formula(noise_kind, seed, dim, index_dim, rtol):
     np.testing.assert_allclose(var.reshape(5, -1), want_var, rtol=100 * rtol, atol=100 * rtol)
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("solver", ["dense", "markov"])
 def test_variance_clamp_only_hides_rounding(solver, x64):
     """Before ``predict``'s ``max(·, 0)``: negative variances are rounding, ≤ 10³·eps·k(x, x)."""

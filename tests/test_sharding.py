@@ -29,6 +29,7 @@ enough_devices = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() >= DEVICES, reason="this process has the devices itself")
 def test_on_forced_host_devices():
     # The device count first (XLA stops at a word without "--"); Eigen's shared thread pool off:
