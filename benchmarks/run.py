@@ -298,13 +298,18 @@ def run(args):
                 f"grad agreement {agreement}",
                 flush=True,
             )
+    save_report(report, args, plot)
+    return report
+
+
+def save_report(report, args, plot):
+    """Write ``<out>/<label>.json`` and the plot ``plot(report, path)`` draws, ``<out>/<label>.png``."""
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"{args.label}.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
     png_path = plot(report, os.path.join(args.out, f"{args.label}.png"))
     print(f"wrote {json_path} and {png_path}")
-    return report
 
 
 def plot(report, path):

@@ -43,7 +43,15 @@ if _EARLY is not None and _EARLY.host_devices:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from run import _compile, _measure, curve_problem, machine_info, parse_arguments, plain_autodiff_value  # noqa: E402
+from run import (  # noqa: E402
+    _compile,
+    _measure,
+    curve_problem,
+    machine_info,
+    parse_arguments,
+    plain_autodiff_value,
+    save_report,
+)
 
 
 def _arguments(parser):
@@ -132,12 +140,7 @@ def run(args):
             )
         report[solver] = {"n": n, "rows": rows}
 
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"{args.label}.json")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1)
-    png_path = plot(report, os.path.join(args.out, f"{args.label}.png"))
-    print(f"wrote {json_path} and {png_path}")
+    save_report(report, args, plot)
     return report
 
 

@@ -30,7 +30,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Importing run imports JAX (in float64) but starts no backend: the thread flags still apply.
-from run import _compile, _measure, curve_problem, machine_info, parse_arguments, plain_autodiff_value
+from run import (
+    _compile,
+    _measure,
+    curve_problem,
+    machine_info,
+    parse_arguments,
+    plain_autodiff_value,
+    save_report,
+)
 
 ARGS = parse_arguments(__doc__, "state_space_cpu") if __name__ == "__main__" else None
 
@@ -192,12 +200,7 @@ def run(args):
     report["targets"] = targets
     print(f"targets {json.dumps(targets)}", flush=True)
 
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"{args.label}.json")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1)
-    png_path = plot(report, os.path.join(args.out, f"{args.label}.png"))
-    print(f"wrote {json_path} and {png_path}")
+    save_report(report, args, plot)
     return report
 
 
