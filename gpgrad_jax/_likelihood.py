@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._noise import Noise
-from gpgrad_jax._solvers import resolve, run
+from gpgrad_jax._solvers import call_solver, resolve
 from gpgrad_jax._validation import check_problem
 
 Array = Any
@@ -81,7 +81,7 @@ def log_marginal_likelihood(
         True
     """
     kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
-    return run(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
+    return call_solver(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
 
 
 def index_gradient(
@@ -113,4 +113,4 @@ def index_gradient(
         (4,)
     """
     kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
-    return run(resolve(solver, kernel, noise, x).index_gradient, kernel, noise, x, r)
+    return call_solver(resolve(solver, kernel, noise, x).index_gradient, kernel, noise, x, r)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._likelihood import prepare
 from gpgrad_jax._noise import Noise
-from gpgrad_jax._solvers import resolve, run
+from gpgrad_jax._solvers import call_solver, resolve
 from gpgrad_jax._validation import _as_float_array
 
 Array = Any
@@ -87,6 +87,6 @@ def predict(
             raise ValueError(f"`mean_new` must have shape {expected}, got shape {mean_new.shape}")
         mean_new = mean_new.reshape(n_new, dim).astype(x.dtype)
 
-    offset, variance = run(resolve(solver, kernel, noise, x).predict, kernel, noise, x, r, x_new)
+    offset, variance = call_solver(resolve(solver, kernel, noise, x).predict, kernel, noise, x, r, x_new)
     out_shape = (n_new, *tuple(y_shape[1:]))
     return (mean_new + offset).reshape(out_shape), jnp.maximum(variance, 0.0).reshape(out_shape)

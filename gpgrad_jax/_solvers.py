@@ -56,7 +56,7 @@ def resolve(solver: str, kernel, noise, x):
     return _MARKOV[solver == "markov-parallel"]
 
 
-def run(method, *args):
+def call_solver(method, *args):
     """``method(*args)``; under a mesh with explicit axes, a sharding failure gets the recipe.
 
     Under a mesh with ``AxisType.Explicit`` axes (``jax.make_mesh``'s default), ``vmap`` over a
@@ -66,13 +66,11 @@ def run(method, *args):
     function with the axes automatic — ``jax.sharding.auto_axes`` — where the partitioner keeps
     each problem on its own device.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not mesh.explicit_axes:
-        return method(*args)
     try:
         return method(*args)
     except Exception as err:
-        if type(err).__name__ != "ShardingTypeError":
+        mesh = jax.sharding.get_abstract_mesh()
+        if type(err).__name__ != "ShardingTypeError" or mesh.empty or not mesh.explicit_axes:
             raise
         raise TypeError(
             f"the solvers cannot trace with the explicit mesh axes {mesh.explicit_axes} ({err}). "
