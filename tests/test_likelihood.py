@@ -69,7 +69,7 @@ def _central_difference(f, x, eps):
 
 @pytest.mark.parametrize("noise_kind", ["isotropic", "per_point_rank_deficient"])
 @pytest.mark.parametrize("kernel_name", sorted(KERNELS))
-@settings(max_examples=4)
+@settings(max_examples=min(4, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
 def test_index_gradient_matches_finite_differences(kernel_name, noise_kind, seed, dim, index_dim, x64):
     """Independent of autodiff: central differences of the value in float64."""
@@ -84,7 +84,7 @@ def test_index_gradient_matches_finite_differences(kernel_name, noise_kind, seed
 
 
 @pytest.mark.parametrize("kernel_name", sorted(KERNELS))
-@settings(max_examples=4)
+@settings(max_examples=min(4, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
 def test_kernel_parameter_gradient_matches_finite_differences(kernel_name, seed, dim, index_dim, x64):
     if not x64:
@@ -128,7 +128,7 @@ def test_coincident_indices_give_finite_exact_gradients(kernel_name, pattern, x6
         np.testing.assert_allclose(grad_x, numeric, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=6)
+@settings(max_examples=min(6, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims)
 def test_square_invertible_noise_equals_gaussian_log_density(seed, dim, x64):
     """L + log|det S| = log N(y | μ, K ⊗ I_D + (SᵀS)⁻¹): a check by a different formula."""

@@ -67,7 +67,7 @@ def test_markov_solver_equals_the_dense_solver(kernel_name, noise_kind, seed, di
     "kernel_name, noise_kind, dim",
     [("scaled_sum", "per_point_rank_deficient", 3), ("curve", "isotropic", 3), ("matern52", "per_point", 1)],
 )
-@settings(max_examples=4)
+@settings(max_examples=min(4, settings.default.max_examples))
 @given(seed=seeds)
 def test_parallel_solver_equals_the_dense_solver(kernel_name, noise_kind, dim, seed, rtol):
     """The associative scans share everything after the filter and smoother with ``"markov"``:
@@ -86,7 +86,7 @@ def _central_difference(f, x, eps=1e-6):
 
 
 @pytest.mark.parametrize("kernel_name", ["curve", "scaled_sum"])
-@settings(max_examples=3)
+@settings(max_examples=min(3, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims)
 def test_markov_gradients_match_finite_differences(kernel_name, seed, dim, x64):
     """Independent of autodiff and of the dense solver: central differences of the filter's value."""

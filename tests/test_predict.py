@@ -29,7 +29,7 @@ def _dense_posterior(kernel, x, y, nz, mean, x_new):
 
 @pytest.mark.float32
 @pytest.mark.parametrize("noise_kind", NOISES)
-@settings(max_examples=6)
+@settings(max_examples=min(6, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
 def test_predict_matches_dense_formula(noise_kind, seed, dim, index_dim, rtol):
     problem = make_problem("matern52" if index_dim else "curve", noise_kind, seed, dim, index_dim)
