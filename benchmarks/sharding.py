@@ -22,28 +22,13 @@ though not for separate accelerators with their own memory; on several GPUs it i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-# The device count and the thread flags are read when JAX starts its backend, which importing
-# the library does: set them first.  With the threads pinned (the default, as in run.py), each
-# forced host device computes on one core.
-_early = argparse.ArgumentParser(add_help=False)
-_early.add_argument("--host-devices", type=int, default=0)
-_early.add_argument("--all-threads", action="store_true")
-_EARLY = _early.parse_known_args()[0] if __name__ == "__main__" else None
-if _EARLY is not None and _EARLY.host_devices:
-    _pin = "" if _EARLY.all_threads else "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 "
-    # The device count first: XLA stops reading flags at a word without "--", such as the
-    # customary intra_op_parallelism_threads=1.
-    _flags = f"--xla_force_host_platform_device_count={_EARLY.host_devices} {_pin}{os.environ.get('XLA_FLAGS', '')}"
-    os.environ["XLA_FLAGS"] = _flags.strip()
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from run import (  # noqa: E402
+from run import (
     _compile,
     _measure,
     curve_problem,
@@ -61,6 +46,13 @@ def _arguments(parser):
 
 
 ARGS = parse_arguments(__doc__, "sharding_cpu", _arguments) if __name__ == "__main__" else None
+if ARGS is not None and ARGS.host_devices:
+    # Read when JAX starts its backend (in run(); importing starts none).  The device count goes
+    # first: XLA stops reading flags at a word without "--", such as intra_op_parallelism_threads=1.
+    # With the threads pinned (parse_arguments, unless --all-threads) each device gets one core.
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={ARGS.host_devices} {os.environ.get('XLA_FLAGS', '')}"
+    ).strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
