@@ -2,11 +2,20 @@
 
 Shapes come from small fixed sets so that ``jit`` compiles once per shape and
 kernel structure, while ``hypothesis`` varies the values through a seed.
+
+Compilation, not arithmetic, is what the suite spends its time on. So in the fast profile
+(``GPGRAD_TESTS=fast``) every *structural* choice — the data dimension, the index dimension,
+scalar or ARD lengthscales, the form of the noise blocks — is fixed per (kernel, noise)
+combination, spread over the combinations so that each form is still covered, and only the
+values vary between examples: one compilation per test case. The full profile draws the
+structure per example too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +27,14 @@ from gpgrad_jax import kernels, noise
 N_POINTS = 6
 DATA_DIMS = (1, 3)
 
-# name -> (factory(rng, index_dim) -> kernel, scalar indices only)
+# name -> (factory(rng, ard_dim) -> kernel, scalar indices only); ard_dim: see _lengthscale
 KERNELS = {
     "curve": (
-        lambda rng, d: kernels.CubicSpline(rng.uniform(0.5, 2.0))
-        + kernels.Linear(rng.uniform(0.2, 1.0))
-        + kernels.Constant(rng.uniform(0.2, 1.0)),
+        lambda rng, d: (
+            kernels.CubicSpline(rng.uniform(0.5, 2.0))
+            + kernels.Linear(rng.uniform(0.2, 1.0))
+            + kernels.Constant(rng.uniform(0.2, 1.0))
+        ),
         True,
     ),
     "cubic_spline": (lambda rng, d: kernels.CubicSpline(rng.uniform(0.5, 2.0)), True),
@@ -41,10 +52,12 @@ KERNELS = {
         False,
     ),
     "scaled_product_plus_constant": (
-        lambda rng, d: rng.uniform(0.5, 2.0)
-        * kernels.Matern52(1.0, _lengthscale(rng, d))
-        * kernels.ExpSquared(1.0, 2.0 * _lengthscale(rng, d))
-        + kernels.Constant(rng.uniform(0.1, 1.0)),
+        lambda rng, d: (
+            rng.uniform(0.5, 2.0)
+            * kernels.Matern52(1.0, _lengthscale(rng, d))
+            * kernels.ExpSquared(1.0, 2.0 * _lengthscale(rng, d))
+            + kernels.Constant(rng.uniform(0.1, 1.0))
+        ),
         False,
     ),
 }
@@ -52,18 +65,44 @@ KERNELS = {
 NOISES = ("isotropic", "per_point", "per_point_rank_deficient", "dense")
 
 
-def _lengthscale(rng, index_dim):
-    if index_dim is None or rng.uniform() < 0.5:
-        return rng.uniform(0.4, 1.5)
-    return rng.uniform(0.4, 1.5, size=index_dim)  # ARD
+FULL = os.environ.get("GPGRAD_TESTS", "fast") == "full"
+BY_STRUCTURE = "by structure"  # a dimension chosen by the structure rng (see the module docstring)
 
 
-def make_noise(kind: str, rng: np.random.Generator, n: int, dim: int) -> noise.Noise:
+def _lengthscale(rng, ard_dim):
+    """A scalar lengthscale, or one per index dimension (ARD) when ``ard_dim`` is an int."""
+    return rng.uniform(0.4, 1.5) if ard_dim is None else rng.uniform(0.4, 1.5, size=ard_dim)
+
+
+def _structure(seed, dim, index_dim, kernel_names, kernel_name, noise_kinds, noise_kind):
+    """``(dim, index_dim, ard_dim, shape_rng)``: dimensions left ``BY_STRUCTURE`` resolved, ARD or
+    not, and the generator of the remaining structural choices (the form of the noise blocks).
+
+    Full profile: drawn per example. Fast profile: a fixed function of the (kernel, noise) pair,
+    laid out so that every kernel meets all four (data dim, index dim) pairs over the noise kinds,
+    ARD and scalar lengthscales on vector indices, and every noise kind both data dims.
+    """
+    if FULL:
+        rng = np.random.default_rng(seed)
+        draws = rng.integers(2, size=3)
+    else:
+        i, j = sorted(kernel_names).index(kernel_name), noise_kinds.index(noise_kind)
+        rng = np.random.default_rng(zlib.crc32(f"{kernel_name}/{noise_kind}".encode()))
+        draws = (i + j) % 2, (i + j // 2) % 2, (j + j // 2) % 2
+    if dim == BY_STRUCTURE:
+        dim = DATA_DIMS[draws[0]]
+    if index_dim == BY_STRUCTURE:
+        index_dim = (None, 2)[draws[1]]
+    return dim, index_dim, index_dim if draws[2] else None, rng
+
+
+def make_noise(kind: str, rng: np.random.Generator, n: int, dim: int, shape_rng=None) -> noise.Noise:
+    shape_rng = rng if shape_rng is None else shape_rng
     if kind == "isotropic":
         return noise.Isotropic(rng.uniform(0.3, 1.0))
     if kind == "per_point":
         blocks = rng.normal(size=(n, dim, dim)) + 2.0 * np.eye(dim)
-        if dim == 1 and rng.uniform() < 0.5:
+        if dim == 1 and shape_rng.uniform() < 0.5:
             blocks = blocks.reshape(n)  # the (n,) form for 1-D data
         return noise.PerPoint(blocks)
     if kind == "per_point_rank_deficient":
@@ -77,7 +116,7 @@ def make_noise(kind: str, rng: np.random.Generator, n: int, dim: int) -> noise.N
             blocks[0] = 1.5  # keep at least one informative point for 1-D data
         return noise.PerPoint(blocks)
     if kind == "dense":
-        rows = n * dim + int(rng.choice([-2, 1]))
+        rows = n * dim + int(shape_rng.choice([-2, 1]))
         return noise.Dense(rng.normal(size=(rows, n * dim)) / 2.0)
     raise ValueError(kind)
 
@@ -93,19 +132,30 @@ class Problem:
     def args(self):
         return self.kernel, self.x, self.y, self.noise, self.mean
 
+    @property
+    def dim(self) -> int:
+        """``D``, the dimension of each data point."""
+        return 1 if self.y.ndim == 1 else self.y.shape[1]
+
     def astype(self, dtype) -> Problem:
         cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
         return Problem(*(jax.tree_util.tree_map(cast, a) for a in self.args()))
 
 
 def make_problem(
-    kernel_name: str, noise_kind: str, seed: int, dim: int, index_dim: int | None, n: int = N_POINTS
+    kernel_name: str,
+    noise_kind: str,
+    seed: int,
+    dim: int | str = BY_STRUCTURE,
+    index_dim: int | str | None = BY_STRUCTURE,
+    n: int = N_POINTS,
 ) -> Problem:
     rng = np.random.default_rng(seed)
+    dim, index_dim, ard_dim, shape_rng = _structure(seed, dim, index_dim, KERNELS, kernel_name, NOISES, noise_kind)
     factory, scalar_only = KERNELS[kernel_name]
     if scalar_only:
-        index_dim = None
-    kernel = factory(rng, index_dim)
+        index_dim = ard_dim = None
+    kernel = factory(rng, ard_dim)
     if index_dim is None:
         x = np.sort(rng.uniform(0.05, 3.0, n))
     else:
@@ -114,13 +164,14 @@ def make_problem(
     y = rng.normal(size=y_shape)
     mean = 0.3 * rng.normal(size=y_shape)
     dtype = jnp.zeros(()).dtype  # float64 under x64, else float32
-    problem = Problem(kernel, x, y, make_noise(noise_kind, rng, n, dim), mean)
+    problem = Problem(kernel, x, y, make_noise(noise_kind, rng, n, dim, shape_rng), mean)
     return problem.astype(dtype)
 
 
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
-data_dims = st.sampled_from(DATA_DIMS)
-index_dims = st.sampled_from([None, 2])
+# Drawn per example in the full profile; in the fast one left to the structure rng.
+data_dims = st.sampled_from(DATA_DIMS) if FULL else st.just(BY_STRUCTURE)
+index_dims = st.sampled_from([None, 2]) if FULL else st.just(BY_STRUCTURE)
 
 
 def assert_trees_close(actual, expected, rtol, what=""):
@@ -144,25 +195,34 @@ MARKOV_KERNELS = {
     "curve": lambda rng: KERNELS["curve"][0](rng, None),
     "matern32": lambda rng: kernels.Matern32(rng.uniform(0.5, 2.0), rng.uniform(0.4, 1.5)),
     "matern52": lambda rng: kernels.Matern52(rng.uniform(0.5, 2.0), rng.uniform(0.4, 1.5)),
-    "scaled_sum": lambda rng: rng.uniform(0.5, 2.0) * kernels.Matern52(1.0, rng.uniform(0.4, 1.5))
-    + kernels.Matern32(rng.uniform(0.2, 1.0), rng.uniform(0.4, 1.5))
-    + kernels.CubicSpline(rng.uniform(0.2, 1.0))
-    + kernels.Constant(rng.uniform(0.2, 1.0)),
+    "scaled_sum": lambda rng: (
+        rng.uniform(0.5, 2.0) * kernels.Matern52(1.0, rng.uniform(0.4, 1.5))
+        + kernels.Matern32(rng.uniform(0.2, 1.0), rng.uniform(0.4, 1.5))
+        + kernels.CubicSpline(rng.uniform(0.2, 1.0))
+        + kernels.Constant(rng.uniform(0.2, 1.0))
+    ),
     "linear_constant": lambda rng: kernels.Linear(rng.uniform(0.2, 1.0)) + kernels.Constant(rng.uniform(0.2, 1.0)),
 }
 
 MARKOV_NOISES = ("isotropic", "per_point", "per_point_rank_deficient")
 
 
-def make_markov_problem(kernel_name: str, noise_kind: str, seed: int, dim: int, n: int = N_POINTS) -> Problem:
+def make_markov_problem(
+    kernel_name: str, noise_kind: str, seed: int, dim: int | str = BY_STRUCTURE, n: int = N_POINTS
+) -> Problem:
     """A problem for the state-space solvers: scalar indices in random order with a tie."""
     rng = np.random.default_rng(seed)
+    dim, _, _, shape_rng = _structure(seed, dim, None, MARKOV_KERNELS, kernel_name, MARKOV_NOISES, noise_kind)
     kernel = MARKOV_KERNELS[kernel_name](rng)
     x = rng.permutation(rng.uniform(0.05, 3.0, n))
     x[rng.integers(n)] = x[rng.integers(n)]  # a tie (or a no-op), anywhere
     y_shape = (n,) if dim == 1 else (n, dim)
     problem = Problem(
-        kernel, x, rng.normal(size=y_shape), make_noise(noise_kind, rng, n, dim), 0.3 * rng.normal(size=y_shape)
+        kernel,
+        x,
+        rng.normal(size=y_shape),
+        make_noise(noise_kind, rng, n, dim, shape_rng),
+        0.3 * rng.normal(size=y_shape),
     )
     return problem.astype(jnp.zeros(()).dtype)
 

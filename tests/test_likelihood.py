@@ -134,7 +134,7 @@ def test_square_invertible_noise_equals_gaussian_log_density(seed, dim, x64):
     """L + log|det S| = log N(y | μ, K ⊗ I_D + (SᵀS)⁻¹): a check by a different formula."""
     problem = make_problem("curve", "per_point", seed, dim, None)
     kernel, x, y, nz, mean = problem.args()
-    n = x.shape[0]
+    n, dim = x.shape[0], problem.dim
     s = nz.dense_matrix(n, dim)
     cov = jnp.kron(kernel.matrix(x, x), jnp.eye(dim)) + jnp.linalg.inv(s.T @ s)
     expected = jax.scipy.stats.multivariate_normal.logpdf((y - mean).reshape(-1), jnp.zeros(n * dim), cov)

@@ -156,8 +156,9 @@ def test_vmap_jit_and_second_derivatives(x64):
         want = jax.value_and_grad(gg.log_marginal_likelihood, argnums=1)(kernel, xs[i], ys[i], nz, mean, solver="dense")
         assert_trees_close((batched[0][i], batched[1][i]), want, 1e-9 if x64 else 2e-3, f"batch {i}")
     x, y = xs[0], ys[0]
-    hessian = jax.jit(jax.jacrev(jax.grad(lambda x_: f(kernel, x_, y, nz, mean))))(x)
-    reference = jax.hessian(lambda x_: gg.reference.log_marginal_likelihood(kernel, x_, y, nz, mean))(x)
+    # Forward over reverse, as jax.hessian does: it compiles in half the time of reverse over reverse.
+    hessian = jax.jit(jax.jacfwd(jax.grad(lambda x_: f(kernel, x_, y, nz, mean))))(x)
+    reference = jax.jit(jax.hessian(lambda x_: gg.reference.log_marginal_likelihood(kernel, x_, y, nz, mean)))(x)
     np.testing.assert_allclose(hessian, reference, rtol=1e-7 if x64 else 2e-2, atol=1e-7 if x64 else 2e-2)
 
 

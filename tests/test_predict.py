@@ -29,10 +29,11 @@ def _dense_posterior(kernel, x, y, nz, mean, x_new):
 
 @pytest.mark.float32
 @pytest.mark.parametrize("noise_kind", NOISES)
+@pytest.mark.parametrize("kernel_name", ["curve", "matern52"])
 @settings(max_examples=min(6, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
-def test_predict_matches_dense_formula(noise_kind, seed, dim, index_dim, rtol):
-    problem = make_problem("matern52" if index_dim else "curve", noise_kind, seed, dim, index_dim)
+def test_predict_matches_dense_formula(kernel_name, noise_kind, seed, dim, index_dim, rtol):
+    problem = make_problem(kernel_name, noise_kind, seed, dim, index_dim)
     kernel, x, y, nz, mean = problem.args()
     x_new = jnp.concatenate([x[:2], x[:3] + 0.37])  # at data points and between them
     mu, var = gg.predict(kernel, x, y, nz, x_new, mean=mean)
