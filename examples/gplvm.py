@@ -77,8 +77,9 @@ class Params(NamedTuple):
 def negative_lml(params: Params, y):
     kernel = kernels.ExpSquared(jnp.exp(params.log_variance), jnp.exp(params.log_lengthscale))
     nz = noise.Isotropic(jnp.exp(params.log_sigma))
-    # L + log|det S| is the Gaussian log-likelihood: the noise is learned, so the term matters.
-    log_likelihood = gg.log_marginal_likelihood(kernel, params.latent, y, nz) + nz.log_abs_det(*y.shape)
+    # The noise is learned: log_probability (the Gaussian log-likelihood), not L, which omits a
+    # term that depends on the noise.
+    log_likelihood = gg.log_probability(kernel, params.latent, y, nz)
     # A weak N(0, I) prior on the latent positions fixes their scale, as in the usual GPLVM.
     return -log_likelihood + 0.5 * jnp.sum(params.latent**2)
 

@@ -5,7 +5,7 @@
 """
 
 from gpgrad_jax import kernels, noise, reference
-from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood
+from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood, log_probability
 from gpgrad_jax._predict import predict
 from gpgrad_jax._validation import FactorizationError, NumericalError, value_checks
 
@@ -17,6 +17,7 @@ __all__ = [
     "index_gradient",
     "kernels",
     "log_marginal_likelihood",
+    "log_probability",
     "noise",
     "predict",
     "reference",

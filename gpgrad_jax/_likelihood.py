@@ -2,6 +2,7 @@ r"""The public likelihood functions: validate, choose a solver, call its closed-
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -34,12 +35,17 @@ def log_marginal_likelihood(
     *,
     solver: str = "auto",
 ) -> jax.Array:
-    r"""GP log marginal likelihood of ``y`` at index set ``x``, with closed-form gradients.
+    r"""GP log marginal likelihood of ``y`` at index set ``x`` in precision form, with closed-form gradients.
 
     ``L = −½ wᵀU⁻¹w − ½ log|U| − (m/2) log 2π`` with ``w = S (y − μ)`` and
     ``U = I + S (K(x) ⊗ I_D) Sᵀ``, where ``Λ = SᵀS`` is the noise precision.
-    When ``S`` is square and invertible this is
+    ``L`` is the density of the whitened data ``w``: when ``S`` is square and invertible it is
     ``log N(y | μ, K ⊗ I_D + Λ⁻¹) − log|det S|``.
+
+    **Which to use.** The missing ``log|det S|`` depends on the noise only: for ``x``, the
+    kernel and the mean, ``L`` and :func:`log_probability` have the same gradient. To learn
+    the noise, or to compare models with different noise, use :func:`log_probability` —
+    maximising ``L`` over the noise drives its scale up without bound.
 
     ``jax.grad`` with respect to any argument (``x``, the kernel's and the noise's
     parameters, ``y``, ``mean``) uses the solver's hand-derived rule,
@@ -82,6 +88,61 @@ def log_marginal_likelihood(
     """
     kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
     return call_solver(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
+
+
+def log_probability(
+    kernel: Kernel,
+    x: Array,
+    y: Array,
+    noise: Noise,
+    mean: Array | None = None,
+    *,
+    solver: str = "auto",
+) -> jax.Array:
+    r"""The Gaussian log density of the observed data: safe for learning the noise.
+
+    ``log p = L + log pdet S + ((m − r)/2) log 2π``, where ``L`` is
+    :func:`log_marginal_likelihood`, ``pdet S`` the product of ``S``'s nonzero singular
+    values and ``r`` their number (``S`` has ``m`` rows).
+
+    * ``S`` square and invertible: ``log N(y | μ, K ⊗ I_D + Λ⁻¹)``, the usual GP log
+      likelihood (``pdet = |det S|``, ``r = m``).
+    * ``S`` with more rows than columns and full column rank (``noise.Dense``, one row per
+      pixel coordinate): the same density, ``Λ = SᵀS`` being invertible.
+    * ``S`` rank deficient (a point seen along one camera ray, a zero block for an unseen
+      point): the density of what is observed — the coordinates ``c = V_rᵀ(y − μ)`` of the data
+      in ``S``'s row space (``S = U_r Σ_r V_rᵀ``), ``c ~ N(V_rᵀ(f − μ), V_rᵀ (K ⊗ I_D) V_r +
+      Σ_r⁻²)``. For ``PerPoint`` noise the rank is counted per block (singular values below
+      ``max σ · D · eps`` of their block count as zero), so a block keeps its rank while its
+      scale is learned.
+
+    Gradients: the solver's closed-form rule for ``L``, plus ``∂ log pdet S/∂S = (S⁺)ᵀ`` (at
+    fixed rank) for the noise. Use this to learn the noise; for ``x``, the kernel and the mean
+    it has the same gradient as ``L``.
+
+    Same arguments as :func:`log_marginal_likelihood`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import gpgrad_jax as gg
+        >>> from gpgrad_jax import kernels, noise
+        >>> x = jnp.linspace(0.0, 3.0, 8)
+        >>> k = kernels.Matern32(1.0, 0.5)
+        >>> log_p = gg.log_probability(k, x, jnp.sin(x), noise.Isotropic(0.1))
+        >>> cov = k.matrix(x, x) + 0.1**2 * jnp.eye(8)
+        >>> bool(jnp.allclose(log_p, jax.scipy.stats.multivariate_normal.logpdf(jnp.sin(x), jnp.zeros(8), cov)))
+        True
+    """
+    kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
+    value = call_solver(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
+    return value + noise_log_density_correction(noise, *r.shape)
+
+
+def noise_log_density_correction(noise: Noise, n: int, dim: int) -> jax.Array:
+    """``log pdet S + ((m − r)/2) log 2π``: :func:`log_probability` minus ``L``."""
+    log_pdet, rank = noise.log_pseudo_determinant(n, dim)
+    p, q = noise.core_shape(n, dim)
+    return log_pdet + 0.5 * (p * q - rank) * math.log(2.0 * math.pi)
 
 
 def index_gradient(

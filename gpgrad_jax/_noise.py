@@ -82,16 +82,15 @@ class Noise(abc.ABC):
         """Parameters that must be strictly positive, by name."""
         return {}
 
+    @abc.abstractmethod
+    def log_pseudo_determinant(self, n: int, dim: int) -> tuple[Array, Array]:
+        """``(log pdet S, rank S)``: the sum of the logs of ``S``'s nonzero singular values, and
+        their number (counted per block for block-diagonal ``S``).
 
-    def log_abs_det(self, n: int, dim: int) -> Array:
-        """``log|det S|`` for a square ``S`` (``−inf`` if ``S`` is singular).
-
-        The precision-form ``L`` equals ``log N(y | μ, K ⊗ I_D + Λ⁻¹) − log|det S|``:
-        the difference is constant in ``x``, ``μ`` and the kernel, but **not in the
-        noise**.  To learn noise parameters, maximise ``L + log_abs_det`` (the
-        Gaussian log-likelihood), not ``L`` alone.
+        What :func:`gpgrad_jax.log_probability` adds to ``L``. The rank is a float array (it is
+        constant where the pseudo-determinant is differentiable); the derivative in ``S`` is
+        ``(S⁺)ᵀ``, the transposed pseudo-inverse, at fixed rank.
         """
-        return jnp.linalg.slogdet(self.dense_matrix(n, dim))[1]
 
 
 class BlockDiagonal(Noise):
@@ -150,8 +149,8 @@ class Isotropic(BlockDiagonal):
     def positive_parameters(self):
         return {"sigma": self.sigma}
 
-    def log_abs_det(self, n, dim):
-        return -n * dim * jnp.log(jnp.abs(self.sigma))
+    def log_pseudo_determinant(self, n, dim):
+        return -n * dim * jnp.log(self.sigma), jnp.asarray(n * dim, jnp.result_type(self.sigma))
 
     def observation_blocks(self, n, dim):
         # One coordinate's 1×1 block, shared by the D coordinates (q = D columns).
@@ -216,8 +215,9 @@ class PerPoint(BlockDiagonal):
         blocks = self._blocks3(dim)
         return jnp.diag(jnp.einsum("iab,ia->i", blocks**2, d.reshape(-1, dim)))
 
-    def log_abs_det(self, n, dim):
-        return jnp.sum(jnp.linalg.slogdet(self._blocks3(dim))[1])
+    def log_pseudo_determinant(self, n, dim):
+        log_pdet, rank = log_pseudo_determinants(self._blocks3(dim))
+        return jnp.sum(log_pdet), jnp.sum(rank)
 
     def observation_blocks(self, n, dim):
         return self._blocks3(dim), 1
@@ -278,6 +278,9 @@ class Dense(Noise):
     def dense_matrix(self, n, dim):
         return self.matrix
 
+    def log_pseudo_determinant(self, n, dim):
+        return log_pseudo_determinants(self.matrix)
+
     def check_shapes(self, n, dim):
         shape = jnp.shape(self.matrix)
         if len(shape) != 2 or shape[1] != n * dim or shape[0] < 1:
@@ -285,3 +288,39 @@ class Dense(Noise):
                 f"noise.Dense: `matrix` must have shape (m, n*D) = (m, {n * dim}) for {n} "
                 f"points of dimension D={dim}, got shape {shape}"
             )
+
+
+def _rank_mask(singular_values, shape):
+    """The singular values that count: above ``max σ · max(rows, cols) · eps``, numpy's
+    ``matrix_rank`` tolerance, relative to each matrix's own largest."""
+    eps = jnp.finfo(singular_values.dtype).eps
+    tolerance = jnp.max(singular_values, axis=-1, keepdims=True) * max(shape[-2:]) * eps
+    return singular_values > tolerance
+
+
+@jax.custom_vjp
+def log_pseudo_determinants(matrices: Array) -> tuple[Array, Array]:
+    """``(Σ log σ_j, #{σ_j})`` over the nonzero singular values of each of the ``(..., a, b)``
+    matrices; a zero matrix gives ``(0, 0)``.
+
+    The rule: ``∂ log pdet B / ∂B = U_r Σ_r⁻¹ V_rᵀ = (B⁺)ᵀ`` at fixed rank — finite where
+    autodiff through the SVD is not (repeated singular values, as in ``(I − rrᵀ)/σ``).
+    """
+    return _log_pdet_forward(matrices)[0]
+
+
+def _log_pdet_forward(matrices):
+    u, s, vh = jnp.linalg.svd(matrices, full_matrices=False)
+    keep = _rank_mask(s, matrices.shape)
+    log_pdet = jnp.sum(jnp.where(keep, jnp.log(jnp.where(keep, s, 1.0)), 0.0), axis=-1)
+    rank = jnp.sum(keep, axis=-1).astype(matrices.dtype)
+    return (log_pdet, rank), (u, jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0), vh)
+
+
+def _log_pdet_backward(residuals, cotangents):
+    u, inverse_s, vh = residuals
+    g, _ = cotangents  # the rank is piecewise constant: its derivative is zero
+    return (jnp.einsum("...ij,...j,...jk->...ik", u, g[..., None] * inverse_s, vh),)
+
+
+log_pseudo_determinants.defvjp(_log_pdet_forward, _log_pdet_backward)

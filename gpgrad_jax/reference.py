@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
 from gpgrad_jax._validation import check_problem
 
-__all__ = ["log_marginal_likelihood"]
+__all__ = ["log_marginal_likelihood", "log_probability"]
 
 
 def log_marginal_likelihood(kernel, x, y, noise, mean=None):
@@ -36,3 +37,24 @@ def log_marginal_likelihood(kernel, x, y, noise, mean=None):
         - jnp.sum(jnp.log(jnp.diagonal(chol)))
         - 0.5 * m * math.log(2.0 * math.pi)
     )
+
+
+def log_probability(kernel, x, y, noise, mean=None):
+    """``L + log pdet S + ((m − r)/2) log 2π`` by dense linear algebra.
+
+    ``log pdet S = ½ log det(SᵀS + P₀)`` with ``P₀`` the projector onto ``S``'s null space (held
+    constant, as the rank is): an independent route to the pseudo-determinant and its
+    gradient, by autodiff through ``slogdet``. The rank is counted on the whole ``S`` (not per
+    block), which agrees on well-scaled problems.
+    """
+    x, y, mean = check_problem(kernel, x, y, noise, mean)
+    n, dim = y.shape
+    s = noise.dense_matrix(n, dim)
+    _, singular_values, vh = jnp.linalg.svd(jax.lax.stop_gradient(s))
+    keep = singular_values > singular_values.max() * max(s.shape) * jnp.finfo(s.dtype).eps
+    rank = jnp.sum(keep)
+    row_space = vh[: singular_values.shape[0]] * keep[:, None]  # rows of Vᵀ with σ > 0, others zero
+    null_projector = jnp.eye(s.shape[1], dtype=s.dtype) - row_space.T @ row_space
+    log_pdet = 0.5 * jnp.linalg.slogdet(s.T @ s + null_projector)[1]
+    value = log_marginal_likelihood(kernel, x, y, noise, mean)
+    return value + log_pdet + 0.5 * (s.shape[0] - rank) * math.log(2.0 * math.pi)

@@ -128,25 +128,6 @@ def test_coincident_indices_give_finite_exact_gradients(kernel_name, pattern, x6
         np.testing.assert_allclose(grad_x, numeric, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=min(6, settings.default.max_examples))
-@given(seed=seeds, dim=data_dims)
-def test_square_invertible_noise_equals_gaussian_log_density(seed, dim, x64):
-    """L + log|det S| = log N(y | μ, K ⊗ I_D + (SᵀS)⁻¹): a check by a different formula."""
-    problem = make_problem("curve", "per_point", seed, dim, None)
-    kernel, x, y, nz, mean = problem.args()
-    n, dim = x.shape[0], problem.dim
-    s = nz.dense_matrix(n, dim)
-    cov = jnp.kron(kernel.matrix(x, x), jnp.eye(dim)) + jnp.linalg.inv(s.T @ s)
-    expected = jax.scipy.stats.multivariate_normal.logpdf((y - mean).reshape(-1), jnp.zeros(n * dim), cov)
-    value = gg.log_marginal_likelihood(kernel, x, y, nz, mean) + nz.log_abs_det(n, dim)
-    np.testing.assert_allclose(value, expected, rtol=1e-9 if x64 else 1e-3)
-    np.testing.assert_allclose(nz.log_abs_det(n, dim), jnp.linalg.slogdet(s)[1], rtol=1e-9 if x64 else 1e-4)
-    iso = noise.Isotropic(jnp.asarray(0.7, x.dtype))
-    np.testing.assert_allclose(
-        iso.log_abs_det(n, dim), jnp.linalg.slogdet(iso.dense_matrix(n, dim))[1], rtol=1e-9 if x64 else 1e-4
-    )
-
-
 @pytest.mark.parametrize("kernel_name", ["exp_squared", "matern32"])
 @pytest.mark.parametrize("noise_kind", NOISES)
 def test_vmap_over_data_sets_and_index_sets(kernel_name, noise_kind, rtol):
