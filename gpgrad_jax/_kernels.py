@@ -70,6 +70,25 @@ class Kernel(abc.ABC):
         """Parameters that must be strictly positive, by dotted name."""
         return {name: getattr(self, name) for name in self.positive_fields}
 
+    def parameter_shapes(self, index_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """The shapes each parameter may have for single indices of shape ``index_shape``
+        (``()`` or ``(d,)``), by field name; fields not named are not checked."""
+        return {}
+
+    def check_index_shape(self, index_shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` if a parameter of any part does not fit indices of shape
+        ``index_shape`` (an ARD lengthscale of the wrong length, a vector variance)."""
+        for part in self.parts():
+            for name, allowed in part.parameter_shapes(index_shape).items():
+                shape = jnp.shape(getattr(part, name))
+                if shape not in allowed:
+                    want = " or ".join(map(str, dict.fromkeys(allowed)))
+                    where = f"indices of shape (n, {index_shape[0]})" if index_shape else "scalar indices, `x` of shape (n,)"
+                    raise ValueError(
+                        f"`kernel`: {type(part).__name__}.{name} must have shape {want} for {where}, "
+                        f"got shape {shape}"
+                    )
+
     def matrix(self, x1: Array, x2: Array) -> Array:
         """Gram matrix ``K[i, j] = k(x1[i], x2[j])``, shape ``(n1, n2)``."""
         row = jax.vmap(self.evaluate, in_axes=(None, 0))
@@ -94,6 +113,42 @@ class Kernel(abc.ABC):
         if _is_scalar(other):
             return Product(Constant(variance=other), self)
         return NotImplemented
+
+
+def register(cls: type) -> type:
+    """Declare a custom kernel as the built-in ones are: a frozen dataclass pytree.
+
+    Its annotated fields are the parameters — leaves that ``jax.grad`` differentiates and
+    ``optax`` updates; ``jit`` and ``vmap`` see through it. Implement ``evaluate(a, b)`` and
+    its derivative in the first argument, ``grad_first(a, b)``, on single index points
+    (shape ``()`` or ``(d,)``), finite at ``a == b``. Check the pair with
+    :func:`gpgrad_jax.testing.check_kernel`.
+
+    Optionally: ``positive_fields`` (names checked ``> 0`` eagerly), ``parameter_shapes``
+    (shapes checked eagerly), ``scalar_index_only``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gpgrad_jax import kernels
+        >>> @kernels.register
+        ... class Periodic(kernels.Kernel):
+        ...     variance: jnp.ndarray
+        ...     period: jnp.ndarray
+        ...     positive_fields = ("variance", "period")
+        ...
+        ...     def evaluate(self, a, b):
+        ...         return self.variance * jnp.exp(-2.0 * jnp.sin(jnp.pi * (a - b) / self.period) ** 2)
+        ...
+        ...     def grad_first(self, a, b):
+        ...         phase = jnp.pi * (a - b) / self.period
+        ...         return -2.0 * jnp.pi / self.period * jnp.sin(2.0 * phase) * self.evaluate(a, b)
+        >>> k = Periodic(1.0, 0.5) + kernels.Constant(0.1)
+        >>> round(float(k.evaluate(0.2, 0.7)), 6)
+        1.1
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Kernel)):
+        raise TypeError(f"kernels.register takes a subclass of gpgrad_jax.kernels.Kernel, got {cls!r}")
+    return pytree_dataclass(cls)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -166,6 +221,9 @@ class CubicSpline(Kernel):
     nonnegative_index: ClassVar[bool] = True
     positive_fields: ClassVar[tuple[str, ...]] = ("variance",)
 
+    def parameter_shapes(self, index_shape):
+        return {"variance": ((),)}
+
     def evaluate(self, a, b):
         # m³/3 + |a − b| m²/2 = M m²/2 − m³/6 with m = min, M = max.  Written as
         # one `where` (not `minimum`, whose autodiff splits the derivative ½/½
@@ -185,6 +243,9 @@ class Linear(Kernel):
     variance: Array = 1.0
     positive_fields: ClassVar[tuple[str, ...]] = ("variance",)
 
+    def parameter_shapes(self, index_shape):
+        return {"variance": ((),)}
+
     def evaluate(self, a, b):
         return self.variance * jnp.sum(a * b)
 
@@ -198,6 +259,9 @@ class Constant(Kernel):
 
     variance: Array = 1.0
     positive_fields: ClassVar[tuple[str, ...]] = ("variance",)
+
+    def parameter_shapes(self, index_shape):
+        return {"variance": ((),)}
 
     def evaluate(self, a, b):
         return self.variance * jnp.ones((), jnp.result_type(a, b))
@@ -246,6 +310,9 @@ class _Stationary(Kernel):
     variance: Array = 1.0
     lengthscale: Array = 1.0
     positive_fields: ClassVar[tuple[str, ...]] = ("variance", "lengthscale")
+
+    def parameter_shapes(self, index_shape):
+        return {"variance": ((),), "lengthscale": ((), index_shape)}  # scalar, or one per dimension (ARD)
 
     def _radius(self, a, b):
         """``(far, r)``: ``r`` with ``inf`` (lengthscale underflow) replaced by 0, flagged in ``far``."""

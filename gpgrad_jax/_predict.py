@@ -11,7 +11,7 @@ from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._likelihood import prepare
 from gpgrad_jax._noise import Noise
 from gpgrad_jax._solvers import call_solver, resolve
-from gpgrad_jax._validation import _as_float_array
+from gpgrad_jax._validation import _as_float_array, check_finite
 
 Array = Any
 
@@ -69,22 +69,26 @@ def predict(
         >>> mu.shape, var.shape
         ((1, 3), (1, 3))
     """
-    y_shape = jnp.shape(y)
+    y_shape = _as_float_array("y", y).shape
     kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
     x_new = _as_float_array("x_new", x_new).astype(x.dtype)
     if x_new.ndim != x.ndim or x_new.shape[1:] != x.shape[1:]:
         raise ValueError(
             f"`x_new` must have shape (n_new,) + {x.shape[1:]} like `x`, got shape {x_new.shape}"
         )
+    check_finite("x_new", x_new)
     _, dim = r.shape
     n_new = x_new.shape[0]
+    expected = (n_new, *tuple(y_shape[1:]))
     if mean_new is None:
         mean_new = jnp.zeros((n_new, dim), x.dtype)
     else:
         mean_new = _as_float_array("mean_new", mean_new)
-        expected = (n_new, *tuple(y_shape[1:]))
+        if mean_new.shape == ():  # a constant mean
+            mean_new = jnp.broadcast_to(mean_new, expected)
         if mean_new.shape != expected:
-            raise ValueError(f"`mean_new` must have shape {expected}, got shape {mean_new.shape}")
+            raise ValueError(f"`mean_new` must be a scalar or have shape {expected}, got shape {mean_new.shape}")
+        check_finite("mean_new", mean_new)
         mean_new = mean_new.reshape(n_new, dim).astype(x.dtype)
 
     offset, variance = call_solver(resolve(solver, kernel, noise, x).predict, kernel, noise, x, r, x_new)

@@ -107,7 +107,17 @@ def _as_float_array(name: str, value: Any) -> jax.Array:
         raise TypeError(
             f"`{name}` must be a real floating-point or integer array, got dtype {array.dtype}"
         )
+    _check_precision(name, array.dtype)
     return array
+
+
+def _check_precision(name: str, dtype: Any) -> None:
+    if jnp.finfo(dtype).bits < 32:
+        raise TypeError(
+            f"`{name}` has dtype {dtype}: gpgrad_jax computes in float32 or float64 (XLA has no "
+            f"Cholesky factorisation or triangular solve in {dtype}, and its 2-3 significant digits "
+            f"could not resolve U); cast it, e.g. `{name}.astype(jnp.float32)`"
+        )
 
 
 def _concrete(value: Any) -> np.ndarray | None:
@@ -129,6 +139,8 @@ def check_parameter_dtype(name: str, value: Any) -> None:
         raise TypeError(
             f"`{name}` must be a real floating-point value (float32 or float64), got dtype {dtype}"
         )
+    if dtype is not None:
+        _check_precision(name, dtype)
 
 
 def _describe(values: np.ndarray, ok: np.ndarray) -> str:
@@ -168,15 +180,24 @@ def check_values(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any) -> Non
     Each rule is reduced on the device and only its verdict comes to the host (the values
     only when a rule fails, for the message): no copy of a large or sharded array per call.
     """
-    for name, value, predicate, requirement in _value_rules(kernel, x, y, noise, mean):
-        if isinstance(value, jax.core.Tracer):
-            continue  # traced: see value_checks
-        with jax.ensure_compile_time_eval():  # concrete inside a jit trace too: evaluate now
-            array = jnp.asarray(value)
-            if bool(jnp.all(predicate(array))):
-                continue
-            ok = np.asarray(predicate(array))
-        raise ValueError(f"`{name}` must be {requirement}, got {_describe(np.asarray(array), ok)}")
+    for rule in _value_rules(kernel, x, y, noise, mean):
+        _check_rule(*rule)
+
+
+def check_finite(name: str, value: Any) -> None:
+    """Raise ``ValueError`` if a concrete ``value`` has a NaN or an infinity."""
+    _check_rule(name, value, jnp.isfinite, "finite")
+
+
+def _check_rule(name, value, predicate, requirement):
+    if isinstance(value, jax.core.Tracer):
+        return  # traced: see value_checks
+    with jax.ensure_compile_time_eval():  # concrete inside a jit trace too: evaluate now
+        array = jnp.asarray(value)
+        if bool(jnp.all(predicate(array))):
+            return
+        ok = np.asarray(predicate(array))
+    raise ValueError(f"`{name}` must be {requirement}, got {_describe(np.asarray(array), ok)}")
 
 
 def value_checks(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any = None) -> None:
@@ -216,6 +237,7 @@ def check_problem(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
         raise TypeError(
             f"`kernel` must be a gpgrad_jax.kernels.Kernel, got {type(kernel).__name__}"
         )
+    check_registered(kernel)
     if not isinstance(noise, Noise):
         raise TypeError(
             f"`noise` must be a gpgrad_jax.noise.Noise (e.g. noise.Isotropic), got {type(noise).__name__}"
@@ -238,21 +260,38 @@ def check_problem(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
         mean = jnp.zeros_like(y)
     else:
         mean = _as_float_array("mean", mean)
+        if mean.shape == ():  # a constant mean, as a Python number or a 0-d array
+            mean = jnp.broadcast_to(mean, y.shape)
         if mean.shape != y.shape:
             raise ValueError(
-                f"`mean` must have the shape of `y` {y.shape}, got shape {mean.shape}"
+                f"`mean` must be a scalar or have the shape of `y` {y.shape}, got shape {mean.shape}"
             )
     if kernel.requires_scalar_index() and x.ndim != 1:
         raise ValueError(
             f"`kernel` contains a kernel defined on scalar indices only "
             f"({_kernel_names(kernel, 'scalar_index_only')}): `x` must have shape (n,), got shape {x.shape}"
         )
+    kernel.check_index_shape(x.shape[1:])
     dim = 1 if y.ndim == 1 else y.shape[1]
     noise.check_shapes(n, dim)
     for leaf_name, leaf in _named_leaves("kernel", kernel) + _named_leaves("noise", noise):
         check_parameter_dtype(leaf_name, leaf)
     check_values(kernel, x, y, noise, mean)
     return x, y.reshape(n, dim), mean.reshape(n, dim)
+
+
+def check_registered(kernel: Kernel) -> None:
+    """Raise ``TypeError`` if a part of ``kernel`` is not a pytree (its parameters would be
+    invisible to ``jax.grad``, ``jit`` and ``optax``)."""
+    for leaf in jax.tree_util.tree_leaves(kernel):
+        if isinstance(leaf, Kernel):
+            name = type(leaf).__name__
+            raise TypeError(
+                f"`kernel`: {name} is not a registered pytree, so JAX cannot see its parameters. "
+                f"Declare it as the built-in kernels are: decorate `class {name}(kernels.Kernel)` "
+                "with `@gpgrad_jax.kernels.register` and list its parameters as annotated fields "
+                "(see the README's 'Custom kernels')"
+            )
 
 
 def _named_leaves(prefix: str, tree: Any) -> list[tuple[str, Any]]:

@@ -14,6 +14,7 @@ from gpgrad_jax._kernels import (
     Matern52,
     Product,
     Sum,
+    register,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "Matern52",
     "Product",
     "Sum",
+    "register",
 ]

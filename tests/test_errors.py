@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import traceback
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,18 @@ X = jnp.linspace(0.1, 2.0, N)
 Y3 = jnp.stack([jnp.sin(X), jnp.cos(X), X], axis=1)
 BLOCKS = jnp.broadcast_to(jnp.eye(3) / 0.2, (N, 3, 3))
 PER_POINT = noise.PerPoint(BLOCKS)
+
+
+class UnregisteredKernel(kernels.Kernel):
+    """A subclass without ``@kernels.register``: JAX cannot see its parameters."""
+
+    variance = 1.0
+
+    def evaluate(self, a, b):
+        return self.variance * jnp.exp(-((a - b) ** 2))
+
+    def grad_first(self, a, b):
+        return -2.0 * (a - b) * self.evaluate(a, b)
 
 # (description, kwargs overriding the good call, exception, substrings of the message)
 BAD_INPUTS = [
@@ -52,6 +65,13 @@ BAD_INPUTS = [
     ("zero lengthscale", dict(kernel=kernels.Matern32(1.0, 0.0)), ValueError, ["kernel.lengthscale", "> 0"]),
     ("negative sigma", dict(noise=noise.Isotropic(-0.1)), ValueError, ["noise.sigma", "> 0"]),
     ("inf variance", dict(kernel=kernels.ExpSquared(jnp.inf, 1.0)), ValueError, ["kernel.variance", "finite"]),
+    ("ARD lengthscale on scalar x", dict(kernel=kernels.ExpSquared(1.0, jnp.ones(2))), ValueError, ["ExpSquared.lengthscale", "shape ()", "(2,)"]),
+    ("ARD lengthscale of the wrong length", dict(kernel=kernels.Matern52(1.0, jnp.ones(3)), x=jnp.stack([X, -X], 1)), ValueError, ["Matern52.lengthscale", "() or (2,)", "(3,)"]),
+    ("vector variance", dict(kernel=CURVE + kernels.Constant(jnp.ones(2))), ValueError, ["Constant.variance", "shape ()", "(2,)"]),
+    ("float16 x", dict(x=X.astype(jnp.float16)), TypeError, ["`x`", "float16", "float32 or float64"]),
+    ("bfloat16 y", dict(y=Y3.astype(jnp.bfloat16)), TypeError, ["`y`", "bfloat16", "astype"]),
+    ("float16 kernel parameter", dict(kernel=kernels.CubicSpline(jnp.float16(1.0))), TypeError, ["kernel.variance", "float16"]),
+    ("unregistered custom kernel", dict(kernel=CURVE + UnregisteredKernel()), TypeError, ["UnregisteredKernel", "registered pytree", "kernels.register"]),
 ]
 
 
@@ -61,7 +81,7 @@ VALUE_CASES = {
     "negative index", "NaN index", "inf data", "NaN mean", "NaN noise block", "zero variance",
     "negative nested variance", "zero lengthscale", "negative sigma", "inf variance",
 }
-NON_ARRAY_CASES = {"not a kernel", "not a noise"}
+NON_ARRAY_CASES = {"not a kernel", "not a noise", "unregistered custom kernel"}
 assert VALUE_CASES | NON_ARRAY_CASES <= {case[0] for case in BAD_INPUTS}
 
 
@@ -105,6 +125,31 @@ def test_integer_indices_and_data_are_promoted_like_jax_numpy(solver, rtol):
     np.testing.assert_allclose(got, want, rtol=rtol)
     mean, _ = gg.predict(kernel, x, y, nz, np.array([2, 7]), solver=solver)
     assert mean.dtype == jnp.result_type(float)
+
+
+@pytest.mark.parametrize("solver", ["dense", "markov"])
+def test_python_lists_and_scalar_means_are_accepted(solver, rtol):
+    """Lists where ``jax.numpy`` takes them (no deprecation warning), a constant mean as a number."""
+    kernel, nz = kernels.Matern32(1.0, 1.0), noise.Isotropic(0.3)
+    x, y = [0.0, 0.5, 1.5, 2.0], [0.1, -0.2, 0.4, 0.3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = gg.log_marginal_likelihood(kernel, x, y, nz, mean=0.5, solver=solver)
+        mean, var = gg.predict(kernel, x, y, nz, [0.25, 1.0], mean=0.5, mean_new=0.5, solver=solver)
+    want = gg.log_marginal_likelihood(kernel, jnp.asarray(x), jnp.asarray(y), nz, mean=jnp.full(4, 0.5), solver=solver)
+    np.testing.assert_allclose(got, want, rtol=rtol)
+    want_mean, want_var = gg.predict(kernel, jnp.asarray(x), jnp.asarray(y), nz, jnp.array([0.25, 1.0]), mean=jnp.full(4, 0.5), mean_new=jnp.full(2, 0.5), solver=solver)
+    np.testing.assert_allclose(mean, want_mean, rtol=rtol)
+    np.testing.assert_allclose(var, want_var, rtol=rtol)
+
+
+def test_predict_refuses_non_finite_new_indices_and_means():
+    kernel, nz = kernels.Matern32(1.0, 1.0), noise.Isotropic(0.3)
+    x = jnp.linspace(0.0, 1.0, 4)
+    with pytest.raises(ValueError, match=r"`x_new` must be finite, got \[0.5, nan\]"):
+        gg.predict(kernel, x, jnp.sin(x), nz, jnp.array([0.5, jnp.nan]))
+    with pytest.raises(ValueError, match="`mean_new` must be finite"):
+        gg.predict(kernel, x, jnp.sin(x), nz, jnp.array([0.5]), mean_new=jnp.array([jnp.inf]))
 
 
 def test_value_checks_under_jit_with_checkify():

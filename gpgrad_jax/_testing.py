@@ -1,0 +1,311 @@
+"""Checks and ``hypothesis`` strategies for users' own test suites (``gpgrad_jax.testing``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+try:
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError as err:  # pragma: no cover - hypothesis is a test dependency
+    raise ImportError(
+        "gpgrad_jax.testing needs hypothesis: pip install hypothesis (or gpgrad_jax[test])"
+    ) from err
+
+from gpgrad_jax import _kernels as kernel_classes
+from gpgrad_jax import _noise as noise_classes
+from gpgrad_jax._likelihood import log_marginal_likelihood
+from gpgrad_jax._validation import _as_float_array, check_registered
+from gpgrad_jax.reference import log_marginal_likelihood as reference_log_marginal_likelihood
+
+Array = Any
+
+
+# ------------------------------------------------------------------ checks
+
+
+def check_kernel(kernel: kernel_classes.Kernel, x: Array, *, rtol: float | None = None) -> None:
+    """Assert that ``kernel`` is a usable covariance with a correct ``grad_first``.
+
+    Checks, on every pair ``(x_i, x_j)`` including ``i == j``:
+
+    * ``grad_first(a, b)`` is finite and equals the derivative of ``evaluate`` in ``a`` by
+      autodiff (by central differences where autodiff is not finite, as at ``a == b`` for a
+      kernel written with ``sqrt(‖a − b‖²)``);
+    * ``evaluate`` is symmetric and its Gram matrix positive semi-definite;
+    * the whole rule: ``jax.grad`` of :func:`gpgrad_jax.log_marginal_likelihood` in ``x`` and in
+      the kernel's parameters equals plain autodiff through the dense reference, on random data.
+
+    Args:
+        kernel: a kernel (built in, composed or a custom class declared with
+            :func:`gpgrad_jax.kernels.register`).
+        x: index points, shape ``(n,)`` or ``(n, d)``; include the values your problems use
+            (and repeated points, if your problems have them).
+        rtol: relative tolerance; default ``1e-6`` in float64, ``1e-2`` in float32.
+
+    Raises:
+        AssertionError: naming the check, the worst pair ``(i, j)``, the points and both values.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gpgrad_jax import kernels, testing
+        >>> testing.check_kernel(kernels.Matern32(1.0, 0.5), jnp.linspace(0.0, 2.0, 6))
+    """
+    if not isinstance(kernel, kernel_classes.Kernel):
+        raise TypeError(f"`kernel` must be a gpgrad_jax.kernels.Kernel, got {type(kernel).__name__}")
+    check_registered(kernel)
+    x = _as_float_array("x", x)
+    if x.ndim not in (1, 2) or x.shape[0] < 1:
+        raise ValueError(f"`x` must have shape (n,) or (n, d) with n >= 1, got shape {x.shape}")
+    kernel = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, x.dtype), kernel)
+    if rtol is None:
+        rtol = 1e-6 if x.dtype == jnp.float64 else 1e-2
+
+    gram = np.asarray(kernel.matrix(x, x), np.float64)
+    _assert_finite("evaluate", gram, x)
+    scale = max(float(np.max(np.abs(gram))), np.finfo(np.float64).tiny)
+    _assert_close("evaluate is not symmetric: k(a, b) != k(b, a)", gram, gram.T, rtol * scale, x)
+    smallest = float(np.linalg.eigvalsh(gram)[0])
+    if smallest < -rtol * scale * gram.shape[0]:
+        raise AssertionError(
+            f"the Gram matrix of {type(kernel).__name__} on `x` is not positive semi-definite: "
+            f"smallest eigenvalue {smallest:.3e} (largest entry {scale:.3e})"
+        )
+
+    hand = np.asarray(kernel.grad_first_matrix(x, x), np.float64)
+    _assert_finite("grad_first", hand, x)
+    auto = np.asarray(_derivative_of_evaluate(kernel, x), np.float64)
+    if auto.shape != hand.shape:
+        raise AssertionError(f"grad_first returned shape {hand.shape[2:]} per pair; ∂k/∂a has shape {auto.shape[2:]}")
+    derivative_scale = max(float(np.max(np.abs(auto))), 1e-12 * scale)
+    _assert_close("grad_first disagrees with the derivative of evaluate", hand, auto, rtol * derivative_scale, x)
+
+    _check_whole_rule(kernel, x, rtol)
+
+
+def _derivative_of_evaluate(kernel, x):
+    """``∂k(x_i, x_j)/∂x_i`` by autodiff, by central differences where autodiff is not finite."""
+    grad = jax.grad(kernel.evaluate, argnums=0)
+    pairwise = lambda f: jax.vmap(jax.vmap(f, in_axes=(None, 0)), in_axes=(0, None))  # noqa: E731
+    auto = pairwise(grad)(x, x)
+
+    def central(a, b):
+        h = jnp.finfo(a.dtype).eps ** (1.0 / 3.0) * jnp.maximum(1.0, jnp.max(jnp.abs(a)))
+
+        def along(e):
+            shift = (h * e).reshape(a.shape)
+            return (kernel.evaluate(a + shift, b) - kernel.evaluate(a - shift, b)) / (2.0 * h)
+
+        return jax.vmap(along)(jnp.eye(a.size, dtype=a.dtype)).reshape(a.shape)
+
+    return jnp.where(jnp.isfinite(auto), auto, pairwise(central)(x, x))
+
+
+def _pair(index, shape):
+    i, j = np.unravel_index(index, shape)[:2]
+    return int(i), int(j)
+
+
+def _assert_finite(what, values, x):
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i, j = _pair(int(np.argmax(bad.reshape(-1))), values.shape)
+        raise AssertionError(
+            f"{what} is not finite at pair (i={i}, j={j}), a = {np.asarray(x[i]).tolist()}, "
+            f"b = {np.asarray(x[j]).tolist()}: {values[i, j].tolist()}"
+        )
+
+
+def _assert_close(what, actual, expected, tolerance, x):
+    error = np.abs(actual - expected)
+    worst = int(np.argmax(error.reshape(-1)))
+    if error.reshape(-1)[worst] <= tolerance:
+        return
+    i, j = _pair(worst, error.shape)
+    raise AssertionError(
+        f"{what}: worst at pair (i={i}, j={j}), a = {np.asarray(x[i]).tolist()}, "
+        f"b = {np.asarray(x[j]).tolist()}: {actual[i, j].tolist()} vs {expected[i, j].tolist()} "
+        f"(error {error.reshape(-1)[worst]:.3e} > tolerance {tolerance:.3e})"
+    )
+
+
+def _check_whole_rule(kernel, x, rtol):
+    n = x.shape[0]
+    y = jnp.asarray(np.random.default_rng(0).normal(size=(n, 2)), x.dtype)
+    noise = noise_classes.Isotropic(jnp.asarray(0.5, x.dtype) * jnp.sqrt(jnp.max(jax.vmap(kernel.evaluate)(x, x))))
+    args = (kernel, x, y, noise)
+    closed = jax.grad(log_marginal_likelihood, argnums=(0, 1))(*args, solver="dense")
+    plain = jax.grad(reference_log_marginal_likelihood, argnums=(0, 1))(*args)
+    leaves, treedef = jax.tree_util.tree_flatten((kernel, x))
+    for index, ((path, g), w) in enumerate(zip(jax.tree_util.tree_leaves_with_path(closed), jax.tree_util.tree_leaves(plain))):
+        what = "x" if path[0].idx == 1 else f"the kernel's parameter {jax.tree_util.keystr(path[1:])}"
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        how = "plain autodiff through the dense reference"
+        if not np.all(np.isfinite(w)):  # autodiff through the reference is itself not finite
+            how = "central differences of the dense reference"
+            w = _central_differences(lambda leaf, i=index: _reference_at(leaves, treedef, i, leaf, y, noise), leaves[index])
+        tolerance = rtol * max(float(np.max(np.abs(w), initial=0.0)), 1.0)
+        error = float(np.max(np.abs(g - w), initial=0.0))
+        if not error <= tolerance:
+            raise AssertionError(
+                f"the likelihood's gradient in {what} disagrees with {how}: "
+                f"{g.tolist()} vs {w.tolist()} (error {error:.3e})"
+            )
+
+
+def _reference_at(leaves, treedef, index, leaf, y, noise):
+    moved = list(leaves)
+    moved[index] = leaf
+    kernel, x = jax.tree_util.tree_unflatten(treedef, moved)
+    return reference_log_marginal_likelihood(kernel, x, y, noise)
+
+
+def _central_differences(f, at):
+    at = jnp.asarray(at)
+    h = jnp.finfo(at.dtype).eps ** (1.0 / 3.0) * jnp.maximum(1.0, jnp.max(jnp.abs(at)))
+    basis = jnp.eye(at.size, dtype=at.dtype).reshape((at.size, *at.shape))
+    return np.asarray(jax.vmap(lambda e: (f(at + h * e) - f(at - h * e)) / (2.0 * h))(basis).reshape(at.shape), np.float64)
+
+
+# -------------------------------------------------------------- strategies
+
+_POSITIVE = dict(min_value=0.3, max_value=2.0, allow_nan=False, allow_infinity=False)
+
+
+def _floats(**bounds):
+    return st.floats(**{**_POSITIVE, **bounds})
+
+
+def _dtype(dtype):
+    return jnp.zeros((), dtype).dtype if dtype is not None else jnp.zeros(()).dtype
+
+
+def index_sets(n: int, index_dim: int | None = None, *, low: float = 0.0, high: float = 3.0, dtype=None):
+    """Index sets ``x`` of ``n`` points in ``[low, high]``: shape ``(n,)``, or ``(n, index_dim)``.
+
+    Values are drawn independently (ties and any order are possible); ``dtype`` defaults to
+    JAX's default float.
+    """
+    shape = (n,) if index_dim is None else (n, index_dim)
+    elements = st.floats(min_value=low, max_value=high, allow_nan=False, allow_infinity=False, width=64)
+    return hnp.arrays(np.float64, shape, elements=elements).map(lambda a: jnp.asarray(a, _dtype(dtype)))
+
+
+def data(n: int, dim: int | None = None, *, scale: float = 2.0, dtype=None):
+    """Data ``y`` (or a mean) of ``n`` points: shape ``(n,)``, or ``(n, dim)``, entries in ``[−scale, scale]``."""
+    shape = (n,) if dim is None else (n, dim)
+    elements = st.floats(min_value=-scale, max_value=scale, allow_nan=False, allow_infinity=False, width=64)
+    return hnp.arrays(np.float64, shape, elements=elements).map(lambda a: jnp.asarray(a, _dtype(dtype)))
+
+
+def _as_dtype(tree, dtype):
+    return jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, _dtype(dtype)), tree)
+
+
+def kernels(index_dim: int | None = None, *, markov: bool = False, dtype=None):
+    """Built-in kernels with parameters in well-conditioned ranges, elementary and composed.
+
+    ``index_dim``: ``None`` for scalar indices (the curve kernels are included), or ``d`` (ARD
+    lengthscales of length ``d`` among them). ``markov=True``: only kernels with a state-space
+    form (what ``solver="markov"`` accepts). Parameters are arrays of ``dtype`` (default: JAX's
+    default float).
+    """
+    variance, lengthscale = _floats(), _floats(min_value=0.4, max_value=1.5)
+    if index_dim is not None and not markov:
+        lengthscale = st.one_of(lengthscale, hnp.arrays(np.float64, (index_dim,), elements=lengthscale))
+    stationary = [
+        st.builds(kernel_classes.Matern32, variance, lengthscale),
+        st.builds(kernel_classes.Matern52, variance, lengthscale),
+    ]
+    if not markov:
+        stationary.append(st.builds(kernel_classes.ExpSquared, variance, lengthscale))
+    elementary = list(stationary)
+    if index_dim is None:
+        elementary += [st.builds(kernel_classes.CubicSpline, variance), st.builds(kernel_classes.Linear, variance)]
+    leaf = st.one_of(elementary)
+    composed = [
+        st.builds(lambda a, b: a + b, leaf, leaf),
+        st.builds(lambda c, k: c * k, variance, leaf),
+        st.builds(lambda k, c: k + kernel_classes.Constant(c), leaf, variance),
+    ]
+    if not markov:
+        composed.append(st.builds(lambda a, b: a * b, st.one_of(stationary), st.one_of(stationary)))
+    return st.one_of(leaf, *composed).map(lambda kernel: _as_dtype(kernel, dtype))
+
+
+def noises(n: int, dim: int | None = None, *, kinds=("isotropic", "per_point", "rank_deficient", "dense"), dtype=None):
+    """Noise models for ``n`` points of dimension ``dim`` (``None``: 1-D data).
+
+    Kinds: ``"isotropic"``; ``"per_point"`` (well-conditioned full-rank blocks);
+    ``"rank_deficient"`` (each point seen along a random ray: its block has no information along
+    the ray; some blocks are zero, at least one is not); ``"dense"`` (a random ``S`` with
+    more or fewer rows than ``n·D``, dense solver only). Arrays of ``dtype`` (default: JAX's
+    default float).
+    """
+    d = 1 if dim is None else dim
+    strategies = {
+        "isotropic": st.builds(noise_classes.Isotropic, _floats(min_value=0.3, max_value=1.0)),
+        "per_point": hnp.arrays(np.float64, (n, d, d), elements=_floats(min_value=-0.5, max_value=0.5)).map(
+            lambda e: noise_classes.PerPoint(e + 2.0 * np.eye(d))
+        ),
+        "rank_deficient": st.tuples(
+            hnp.arrays(np.float64, (n, d), elements=_floats(min_value=-1.0, max_value=1.0)),
+            hnp.arrays(np.float64, (n,), elements=st.sampled_from([0.0, 1.0, 2.0, 3.0])),
+        ).map(lambda rays_and_scales: _rank_deficient(*rays_and_scales)),
+        "dense": st.sampled_from([-2, 1]).flatmap(
+            lambda extra: hnp.arrays(
+                np.float64, (n * d + extra, n * d), elements=_floats(min_value=-1.0, max_value=1.0)
+            ).map(lambda s: noise_classes.Dense(s + 2.0 * np.eye(*s.shape)))
+        ),
+    }
+    unknown = set(kinds) - set(strategies)
+    if unknown:
+        raise ValueError(f"`kinds` must be among {sorted(strategies)}, got {sorted(unknown)}")
+    return st.one_of([strategies[kind] for kind in kinds]).map(lambda noise: _as_dtype(noise, dtype))
+
+
+def _rank_deficient(rays, scales):
+    n, d = rays.shape
+    scales = scales.copy()
+    scales[0] = max(scales[0], 1.0)  # at least one informative point
+    if d == 1:  # a 1-D point has no ray: it is seen or not
+        return noise_classes.PerPoint(np.where(scales > 0, scales, 0.0).reshape(n, 1, 1))
+    rays = rays + np.eye(d)[0] * (np.linalg.norm(rays, axis=1, keepdims=True) < 1e-3)
+    rays = rays / np.linalg.norm(rays, axis=1, keepdims=True)
+    projectors = np.eye(d) - rays[:, :, None] * rays[:, None, :]
+    return noise_classes.PerPoint(projectors * scales[:, None, None])
+
+
+def problems(n: int, dim: int | None = None, index_dim: int | None = None, *, markov: bool = False):
+    """Whole problems ``(kernel, x, y, noise, mean)`` from the strategies above, ready for
+    ``gg.log_marginal_likelihood(*problem)``: ``n`` points of dimension ``dim`` (``None``: 1-D
+    data of shape ``(n,)``) at indices of shape ``(n,)`` or ``(n, index_dim)``.
+
+    ``markov=True``: only what ``solver="markov"`` accepts (scalar indices, a kernel with a
+    state-space form, block-diagonal noise).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hypothesis import given, settings
+        >>> import gpgrad_jax as gg
+        >>> from gpgrad_jax import testing
+        >>> @settings(max_examples=3, deadline=None)
+        ... @given(testing.problems(n=4, dim=3))
+        ... def test_finite(problem):
+        ...     assert jnp.isfinite(gg.log_marginal_likelihood(*problem))
+        >>> test_finite()
+    """
+    if markov and index_dim is not None:
+        raise ValueError(f"the Markov solvers need scalar indices: `index_dim` must be None, got {index_dim}")
+    kinds = ("isotropic", "per_point", "rank_deficient") + (() if markov else ("dense",))
+    return st.tuples(
+        kernels(index_dim, markov=markov),
+        index_sets(n, index_dim),
+        data(n, dim),
+        noises(n, dim, kinds=kinds),
+        data(n, dim, scale=0.5),
+    )
