@@ -162,7 +162,9 @@ class PerPoint(BlockDiagonal):
     """Per-point precision square roots ``B_i`` (``S = blockdiag(B_1 … B_n)``).
 
     ``blocks`` has shape ``(n, D, D)``; for 1-D data also ``(n,)`` (``B_i`` a
-    scalar inverse standard deviation).  Blocks may be rank deficient or zero:
+    scalar inverse standard deviation). They are square roots of *precisions*, not covariances:
+    from what you have, use :meth:`from_covariance`, :meth:`from_precision` or
+    :meth:`from_projection` (cameras).  Blocks may be rank deficient or zero:
     a point seen by one camera gives ``B_i`` of rank 2, ``B_iᵀB_i`` the
     precision orthogonal to the viewing ray.
 
@@ -176,6 +178,64 @@ class PerPoint(BlockDiagonal):
     """
 
     blocks: Array
+
+    @classmethod
+    def from_covariance(cls, covariance: Array) -> PerPoint:
+        """Noise with each point's covariance ``C_i`` (``(n, D, D)``, or ``(n,)`` variances of 1-D
+        data), positive definite: ``B_i = L_i⁻¹`` with ``C_i = L_i L_iᵀ``, so ``B_iᵀB_i = C_i⁻¹``.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from gpgrad_jax import noise
+            >>> nz = noise.PerPoint.from_covariance(jnp.stack([jnp.diag(jnp.array([0.01, 0.04, 0.09]))] * 2))
+            >>> [round(float(v), 6) for v in jnp.diagonal(nz.blocks[0])]
+            [10.0, 5.0, 3.333333]
+        """
+        covariance = _square_matrices("covariance", covariance, batched=True)
+        return cls(_inverse_cholesky("covariance", covariance))
+
+    @classmethod
+    def from_precision(cls, precision: Array) -> PerPoint:
+        """Noise with each point's precision ``Λ_i`` (``(n, D, D)``, or ``(n,)`` for 1-D data),
+        positive *semi*-definite — zero along directions a point carries no information about:
+        ``B_i = Λ_i^{1/2}`` (symmetric square root), so ``B_iᵀB_i = Λ_i``."""
+        precision = _square_matrices("precision", precision, batched=True)
+        return cls(_symmetric_sqrt("precision", precision))
+
+    @classmethod
+    def from_projection(cls, jacobians: Array, pixel_sigma: Array) -> PerPoint:
+        """Noise of 3-D (or ``D``-dim) points observed through image-plane projections.
+
+        ``jacobians`` ``(n, k, D)``: for each point the ``k`` rows ``∂u/∂X`` of its projections
+        ``u`` (2 rows per camera that sees it, linearised at the point; rows of zeros for a
+        camera that does not); ``pixel_sigma``: the standard deviation of a pixel coordinate,
+        a scalar or ``(n, k)``. The precision is ``Λ_i = J_iᵀ J_i / σ²`` — rank 2 for a point
+        one camera sees (nothing is known along its ray), full rank with two cameras; the
+        block is ``J_i/σ`` padded with zero rows (``k ≤ D``) or the triangular factor ``R_i`` of
+        ``J_i/σ = Q_i R_i`` (``k > D``).
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from gpgrad_jax import noise
+            >>> camera = jnp.array([[500.0, 0, 320, 0], [0, 500.0, 240, 0], [0, 0, 1, 0]])  # pinhole P = K[I|0]
+            >>> project = lambda X: (camera @ jnp.append(X, 1.0))[:2] / (camera @ jnp.append(X, 1.0))[2]
+            >>> points = jnp.array([[0.1, 0.2, 5.0], [0.3, -0.1, 6.0]])
+            >>> jacobians = jax.vmap(jax.jacfwd(project))(points)           # (n, 2, 3)
+            >>> nz = noise.PerPoint.from_projection(jacobians, pixel_sigma=1.0)
+            >>> [int(r) for r in jnp.linalg.matrix_rank(nz.blocks)]        # blind along each ray
+            [2, 2]
+        """
+        jacobians = jnp.asarray(jacobians)
+        if jacobians.ndim != 3:
+            raise ValueError(f"`jacobians` must have shape (n, k, D), got shape {jacobians.shape}")
+        n, k, dim = jacobians.shape
+        sigma = jnp.asarray(pixel_sigma, jacobians.dtype)
+        if sigma.shape not in ((), (n, k)):
+            raise ValueError(f"`pixel_sigma` must be a scalar or have shape {(n, k)}, got shape {sigma.shape}")
+        scaled = jacobians / jnp.broadcast_to(sigma, (n, k))[..., None]
+        if k <= dim:  # the rows themselves, padded with exact zeros: the rank is exactly theirs
+            return cls(jnp.concatenate([scaled, jnp.zeros((n, dim - k, dim), scaled.dtype)], axis=1))
+        return cls(jnp.linalg.qr(scaled, mode="r"))  # k > D rows compressed to D: RᵀR = JᵀJ/σ²
 
     def _blocks3(self, dim):
         return jnp.reshape(self.blocks, (-1, dim, dim))
@@ -249,6 +309,20 @@ class Dense(Noise):
     """
 
     matrix: Array
+
+    @classmethod
+    def from_covariance(cls, covariance: Array) -> Dense:
+        """Noise of covariance ``C`` (``(nD, nD)``, point-major, positive definite):
+        ``S = L⁻¹`` with ``C = L Lᵀ``, so ``SᵀS = C⁻¹``."""
+        covariance = _square_matrices("covariance", covariance, batched=False)
+        return cls(_inverse_cholesky("covariance", covariance))
+
+    @classmethod
+    def from_precision(cls, precision: Array) -> Dense:
+        """Noise of precision ``Λ`` (``(nD, nD)``, point-major, positive semi-definite):
+        ``S = Λ^{1/2}`` (symmetric square root), so ``SᵀS = Λ``."""
+        precision = _square_matrices("precision", precision, batched=False)
+        return cls(_symmetric_sqrt("precision", precision))
 
     def core_shape(self, n, dim):
         return self.matrix.shape[0], 1
@@ -324,3 +398,50 @@ def _log_pdet_backward(residuals, cotangents):
 
 
 log_pseudo_determinants.defvjp(_log_pdet_forward, _log_pdet_backward)
+
+
+# ------------------------------------------------------------ constructors
+
+
+def _square_matrices(name, value, batched):
+    """``value`` as ``(n, D, D)`` (``(n,)`` → ``(n, 1, 1)``) or ``(N, N)`` real matrices, symmetric
+    when concrete."""
+    matrices = jnp.asarray(value)
+    if not jnp.issubdtype(matrices.dtype, jnp.floating):
+        matrices = matrices.astype(jnp.result_type(float))
+    if batched and matrices.ndim == 1:
+        matrices = matrices[:, None, None]
+    want = "(n, D, D) or (n,)" if batched else "(N, N)"
+    if matrices.ndim != (3 if batched else 2) or matrices.shape[-1] != matrices.shape[-2]:
+        raise ValueError(f"`{name}` must have shape {want}, got shape {matrices.shape}")
+    if not isinstance(matrices, jax.core.Tracer):
+        asymmetry = jnp.max(jnp.abs(matrices - jnp.swapaxes(matrices, -1, -2)), initial=0.0)
+        if not bool(asymmetry <= 1e3 * jnp.finfo(matrices.dtype).eps * jnp.max(jnp.abs(matrices), initial=0.0)):
+            raise ValueError(f"`{name}` must be symmetric, got a difference from its transpose of {float(asymmetry):.3e}")
+    return matrices
+
+
+def _inverse_cholesky(name, covariance):
+    chol = jnp.linalg.cholesky(covariance)
+    if not isinstance(chol, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(chol))):
+        raise ValueError(
+            f"`{name}` must be positive definite (a zero variance would be an infinite precision); "
+            "for directions without information use from_precision with a zero eigenvalue"
+        )
+    eye = jnp.broadcast_to(jnp.eye(covariance.shape[-1], dtype=covariance.dtype), covariance.shape)
+    return jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+
+
+def _symmetric_sqrt(name, precision):
+    eigenvalues, vectors = jnp.linalg.eigh(precision)
+    if not isinstance(eigenvalues, jax.core.Tracer):
+        floor = -1e3 * jnp.finfo(precision.dtype).eps * jnp.max(jnp.abs(eigenvalues), initial=0.0)
+        if not bool(jnp.all(eigenvalues >= floor)):
+            raise ValueError(
+                f"`{name}` must be positive semi-definite, got an eigenvalue of {float(jnp.min(eigenvalues)):.3e}"
+            )
+    # Eigenvalues at rounding level are zeros (directions without information): their square
+    # roots, ~sqrt(eps), would otherwise pass for information, and count in the rank.
+    tolerance = jnp.max(jnp.abs(eigenvalues), axis=-1, keepdims=True) * precision.shape[-1] * jnp.finfo(precision.dtype).eps
+    roots = jnp.where(eigenvalues > tolerance, jnp.sqrt(jnp.maximum(eigenvalues, 0.0)), 0.0)
+    return jnp.einsum("...ij,...j,...kj->...ik", vectors, roots, vectors)
