@@ -6,7 +6,7 @@
 
 from gpgrad_jax import kernels, noise, reference
 from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood, log_probability
-from gpgrad_jax._predict import predict
+from gpgrad_jax._predict import predict, sample_posterior
 from gpgrad_jax._validation import FactorizationError, NumericalError, value_checks
 
 __version__ = "0.2.0"
@@ -21,5 +21,6 @@ __all__ = [
     "noise",
     "predict",
     "reference",
+    "sample_posterior",
     "value_checks",
 ]

@@ -161,19 +161,19 @@ class DenseSolver:
     def predict(self, kernel, noise, x, r, x_new):
         return _predict(kernel, noise, x, r, x_new, factor(kernel, noise, x, r))
 
+    def predict_covariance(self, kernel, noise, x, r, x_new):
+        """Posterior mean offset ``(n_new, D)`` and full covariance ``(n_new, D, n_new, D)``."""
+        return _predict_covariance(kernel, noise, x, r, x_new, factor(kernel, noise, x, r))
+
 
 @functools.partial(jax.jit, static_argnums=4)
 def _grad_x(kernel, noise, x, fac, dim):
     return index_terms(kernel, noise, x, fac, dim).grad_x
 
 
-@jax.jit
-def _predict(kernel, noise, x, r, x_new, fac):
-    """Posterior mean offset ``(K_* ⊗ I) z`` and per-coordinate variance, each ``(n_new, D)``.
-
-    ``Var[f_*] = diag(K(x_new, x_new) ⊗ I_D − (K_* ⊗ I_D) M (K_* ⊗ I_D)ᵀ)`` with the second
-    term as the squared norm of ``chol(U)⁻¹ S (K_* ⊗ I)ᵀ``.
-    """
+def _whitened_cross(kernel, noise, x, r, x_new, fac):
+    """``(K_* z, chol(U)⁻¹ S (K_* ⊗ I)ᵀ)``: the mean offset ``(n_new, D)`` and the solved cross
+    covariance ``(p, n_new, D, q)``, whose Gram products are ``(K_* ⊗ I) M (K_* ⊗ I)ᵀ``."""
     n, dim = r.shape
     n_new = x_new.shape[0]
     p, q = noise.core_shape(n, dim)
@@ -187,5 +187,26 @@ def _predict(kernel, noise, x, r, x_new, fac):
     solved = solve_triangular(
         fac.chol, jnp.moveaxis(columns, 2, 0).reshape(p, -1), lower=True
     ).reshape(p, n_new, dim, q)
+    return cross @ z, solved
+
+
+@jax.jit
+def _predict(kernel, noise, x, r, x_new, fac):
+    """Posterior mean offset ``(K_* ⊗ I) z`` and per-coordinate variance, each ``(n_new, D)``.
+
+    ``Var[f_*] = diag(K(x_new, x_new) ⊗ I_D − (K_* ⊗ I_D) M (K_* ⊗ I_D)ᵀ)`` with the second
+    term as the squared norm of ``chol(U)⁻¹ S (K_* ⊗ I)ᵀ``.
+    """
+    offset, solved = _whitened_cross(kernel, noise, x, r, x_new, fac)
     prior_var = jax.vmap(kernel.evaluate)(x_new, x_new)[:, None]
-    return cross @ z, prior_var - jnp.sum(solved**2, axis=(0, 3))
+    return offset, prior_var - jnp.sum(solved**2, axis=(0, 3))
+
+
+@jax.jit
+def _predict_covariance(kernel, noise, x, r, x_new, fac):
+    """Posterior mean offset and ``Cov[f_*] = K(x_new, x_new) ⊗ I_D − (K_* ⊗ I_D) M (K_* ⊗ I_D)ᵀ``
+    as ``(n_new, D, n_new, D)``."""
+    offset, solved = _whitened_cross(kernel, noise, x, r, x_new, fac)
+    dim = r.shape[1]
+    prior = kernel.matrix(x_new, x_new)[:, None, :, None] * jnp.eye(dim, dtype=x.dtype)[None, :, None, :]
+    return offset, prior - jnp.einsum("pjaq,pkbq->jakb", solved, solved)

@@ -82,6 +82,18 @@ class Noise(abc.ABC):
         """Parameters that must be strictly positive, by name."""
         return {}
 
+    def covariance(self, n: int, dim: int) -> Array:
+        """``Λ⁻¹ = (SᵀS)⁻¹``, the noise covariance of ``n`` points of dimension ``D``, ``(nD, nD)``.
+
+        Only for an invertible precision: along a direction without information the variance is
+        infinite (the result is then not finite, or meaningless).
+        """
+        return _gram_inverse(self.dense_matrix(n, dim))
+
+    def variance(self, n: int, dim: int) -> Array:
+        """The diagonal of :meth:`covariance` as ``(n, D)``."""
+        return jnp.diagonal(self.covariance(n, dim)).reshape(n, dim)
+
     @abc.abstractmethod
     def log_pseudo_determinant(self, n: int, dim: int) -> tuple[Array, Array]:
         """``(log pdet S, rank S)``: the sum of the logs of ``S``'s nonzero singular values, and
@@ -151,6 +163,12 @@ class Isotropic(BlockDiagonal):
 
     def log_pseudo_determinant(self, n, dim):
         return -n * dim * jnp.log(self.sigma), jnp.asarray(n * dim, jnp.result_type(self.sigma))
+
+    def covariance(self, n, dim):
+        return self.sigma**2 * jnp.eye(n * dim, dtype=jnp.result_type(self.sigma))
+
+    def variance(self, n, dim):
+        return jnp.full((n, dim), self.sigma**2)
 
     def observation_blocks(self, n, dim):
         # One coordinate's 1×1 block, shared by the D coordinates (q = D columns).
@@ -278,6 +296,13 @@ class PerPoint(BlockDiagonal):
     def log_pseudo_determinant(self, n, dim):
         log_pdet, rank = log_pseudo_determinants(self._blocks3(dim))
         return jnp.sum(log_pdet), jnp.sum(rank)
+
+    def covariance(self, n, dim):
+        blocks = _gram_inverse(self._blocks3(dim))
+        return jnp.einsum("ij,iab->iajb", jnp.eye(n, dtype=blocks.dtype), blocks).reshape(n * dim, n * dim)
+
+    def variance(self, n, dim):
+        return jnp.diagonal(_gram_inverse(self._blocks3(dim)), axis1=-2, axis2=-1)
 
     def observation_blocks(self, n, dim):
         return self._blocks3(dim), 1
@@ -445,3 +470,11 @@ def _symmetric_sqrt(name, precision):
     tolerance = jnp.max(jnp.abs(eigenvalues), axis=-1, keepdims=True) * precision.shape[-1] * jnp.finfo(precision.dtype).eps
     roots = jnp.where(eigenvalues > tolerance, jnp.sqrt(jnp.maximum(eigenvalues, 0.0)), 0.0)
     return jnp.einsum("...ij,...j,...kj->...ik", vectors, roots, vectors)
+
+
+def _gram_inverse(matrices):
+    """``(BᵀB)⁻¹`` for each ``(..., m, k)`` matrix ``B`` of full column rank, by Cholesky."""
+    gram = jnp.swapaxes(matrices, -1, -2) @ matrices
+    chol = jnp.linalg.cholesky(gram)
+    eye = jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=gram.dtype), gram.shape)
+    return jax.scipy.linalg.cho_solve((chol, True), eye)

@@ -1,17 +1,19 @@
-"""Posterior prediction of the latent curve at new indices."""
+"""Posterior prediction at new indices: mean, variance or full covariance, and samples."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._likelihood import prepare
-from gpgrad_jax._noise import Noise
+from gpgrad_jax._noise import BlockDiagonal, Noise, log_pseudo_determinants
 from gpgrad_jax._solvers import call_solver, resolve
-from gpgrad_jax._validation import _as_float_array, check_finite
+from gpgrad_jax._validation import _as_float_array, _check_rule, check_finite
 
 Array = Any
 
@@ -26,18 +28,21 @@ def predict(
     mean_new: Array | None = None,
     *,
     solver: str = "auto",
+    full_covariance: bool = False,
+    noise_new: Noise | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    r"""Posterior mean and marginal variance of the latent function at ``x_new``.
+    r"""Posterior mean and variance (or full covariance) of the latent function at ``x_new``.
 
     In the precision square-root form (no ``Λ⁻¹`` needed, so rank-deficient
     noise is fine), with ``M = SᵀU⁻¹S``, ``z = M (y − μ)`` and
     ``K_* = K(x_new, x)``:
 
         E[f_*]   = μ_* + (K_* ⊗ I_D) z
-        Var[f_*] = diag(K(x_new, x_new) ⊗ I_D − (K_* ⊗ I_D) M (K_* ⊗ I_D)ᵀ)
+        Cov[f_*] = K(x_new, x_new) ⊗ I_D − (K_* ⊗ I_D) M (K_* ⊗ I_D)ᵀ
 
-    The Markov solvers read the same moments from the smoothed state, the new indices
-    joining the filter as points with zero precision: O(n + n_new).
+    The Markov solvers read the mean and marginal variances from the smoothed state, the new
+    indices joining the filter as points with zero precision: O(n + n_new). The full covariance
+    uses the dense formula whatever the solver (O((nD)³ + (n_new D)²)).
 
     Args:
         kernel: as in :func:`gpgrad_jax.log_marginal_likelihood`.
@@ -47,16 +52,22 @@ def predict(
         x_new: new indices, shape ``(n_new,)`` or ``(n_new, d)`` like ``x``.
         mean: the prior mean at ``x``, as there.
         mean_new: prior mean at ``x_new``, shape ``(n_new,)`` or ``(n_new, D)``
-            like ``y``; ``None`` means zero.
+            like ``y``, or a scalar; ``None`` means zero.
         solver: as in :func:`gpgrad_jax.log_marginal_likelihood`.
+        full_covariance: return the full posterior covariance instead of the marginal variances.
+        noise_new: the noise of *new observations* at ``x_new`` (e.g. ``noise`` itself for
+            ``Isotropic`` noise): the variance or covariance is then that of ``y_* = f_* + ε``,
+            adding ``Λ_new⁻¹``. Its precision must be invertible.
 
     Returns:
         ``(mean, variance)``, each of shape ``(n_new,)`` for 1-D data or
-        ``(n_new, D)`` (per coordinate: anisotropic noise makes them differ).
+        ``(n_new, D)`` (per coordinate: anisotropic noise makes them differ); with
+        ``full_covariance=True``, ``(mean, covariance)`` with covariance of shape
+        ``(n_new, n_new)`` for 1-D data or ``(n_new, D, n_new, D)``.
         A variance that is zero in exact arithmetic (a noise-free observation, a
         ``Constant`` kernel pinned by data) can come out as a rounding error of either sign,
-        at most about ``10³ · eps · k(x_new, x_new)``; it is returned as ``max(variance, 0)``
-        so that ``sqrt`` stays finite.
+        at most about ``10³ · eps · k(x_new, x_new)``; marginal variances are returned as
+        ``max(variance, 0)`` so that ``sqrt`` stays finite.
 
     Example:
         >>> import jax.numpy as jnp
@@ -68,29 +79,170 @@ def predict(
         >>> mu, var = gg.predict(k, x, y, noise.Isotropic(0.01), jnp.array([0.5]))
         >>> mu.shape, var.shape
         ((1, 3), (1, 3))
+        >>> mu, cov = gg.predict(k, x, y, noise.Isotropic(0.01), jnp.array([0.5, 0.6]), full_covariance=True)
+        >>> cov.shape
+        (2, 3, 2, 3)
     """
+    kernel, noise, x, r, x_new, mean_new, out_shape = _prepare_new(kernel, x, y, noise, x_new, mean, mean_new)
+    if noise_new is not None:
+        noise_new = _check_noise_new(noise_new, out_shape[0], r.shape[1], x.dtype)
+    if not full_covariance:
+        # Padded to a power of two (with copies of a new point): a new n_new reuses the solver's
+        # compiled program instead of compiling its own, which costs far more than the padding.
+        padded = _pad(x_new, _bucket(out_shape[0]), x.dtype)
+        offset, variance = call_solver(resolve(solver, kernel, noise, x).predict, kernel, noise, x, r, padded)
+        return _finish_marginals(out_shape, mean_new, offset, variance, noise_new)
+    resolve(solver, kernel, noise, x)  # the solver name is still validated
+    x_new = _pad(x_new, out_shape[0], x.dtype)
+    offset, covariance = call_solver(resolve("dense", kernel, noise, x).predict_covariance, kernel, noise, x, r, x_new)
+    return _finish_covariance(out_shape, mean_new, offset, covariance, noise_new)
+
+
+# The steps around the solver call, each one compiled program per shape: done eagerly, their
+# dozen small operations would each compile for every new n_new.
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _pad(x_new, size, dtype):
+    x_new = x_new.astype(dtype)
+    return jnp.concatenate([x_new, jnp.broadcast_to(x_new[-1:], (size - x_new.shape[0], *x_new.shape[1:]))])
+
+
+def _mean_new(mean_new, offset, out_shape):
+    n_new = out_shape[0]
+    offset = offset[:n_new]
+    if mean_new is not None:
+        offset = offset + jnp.broadcast_to(mean_new, out_shape).reshape(offset.shape).astype(offset.dtype)
+    return offset.reshape(out_shape)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _finish_marginals(out_shape, mean_new, offset, variance, noise_new):
+    n_new, dim = out_shape[0], offset.shape[1]
+    variance = jnp.maximum(variance[:n_new], 0.0)
+    if noise_new is not None:
+        variance = variance + noise_new.variance(n_new, dim)
+    return _mean_new(mean_new, offset, out_shape), variance.reshape(out_shape)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _finish_covariance(out_shape, mean_new, offset, covariance, noise_new):
+    n_new, dim = out_shape[0], offset.shape[1]
+    if noise_new is not None:
+        covariance = covariance + noise_new.covariance(n_new, dim).reshape(n_new, dim, n_new, dim)
+    if len(out_shape) == 1:
+        covariance = covariance.reshape(n_new, n_new)
+    return _mean_new(mean_new, offset, out_shape), covariance
+
+
+def sample_posterior(
+    key: jax.Array,
+    kernel: Kernel,
+    x: Array,
+    y: Array,
+    noise: Noise,
+    x_new: Array,
+    num_samples: int = 1,
+    mean: Array | None = None,
+    mean_new: Array | None = None,
+    *,
+    solver: str = "auto",
+    noise_new: Noise | None = None,
+) -> jax.Array:
+    r"""Draws from the posterior of the latent function at ``x_new`` (of new observations, with
+    ``noise_new``).
+
+    ``f_* = E[f_*] + C^{1/2} ξ`` with ``ξ ~ N(0, I)`` from ``key`` and ``C^{1/2}`` the symmetric
+    square root of the full posterior covariance of :func:`predict` (eigenvalues below zero,
+    rounding, are clipped): exact for a positive semi-definite covariance, whatever its rank.
+
+    Args:
+        key: a ``jax.random`` key.
+        num_samples: how many draws.
+        Others: as in :func:`predict`.
+
+    Returns:
+        Shape ``(num_samples, n_new)`` for 1-D data or ``(num_samples, n_new, D)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import gpgrad_jax as gg
+        >>> from gpgrad_jax import kernels, noise
+        >>> x = jnp.linspace(0.0, 2.0, 6)
+        >>> draws = gg.sample_posterior(jax.random.key(0), kernels.Matern32(1.0, 0.5), x, jnp.sin(x),
+        ...                             noise.Isotropic(0.1), jnp.linspace(0.0, 2.0, 50), num_samples=3)
+        >>> draws.shape
+        (3, 50)
+    """
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}")
+    mean_new, covariance = predict(
+        kernel, x, y, noise, x_new, mean, mean_new, solver=solver, full_covariance=True, noise_new=noise_new
+    )
+    return _draw(key, num_samples, mean_new, covariance)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw(key, num_samples, mean, covariance):
+    size = mean.size
+    eigenvalues, vectors = jnp.linalg.eigh(covariance.reshape(size, size))
+    root = vectors * jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
+    standard = jax.random.normal(key, (num_samples, size), mean.dtype)
+    return mean + (standard @ root.T).reshape(num_samples, *mean.shape)
+
+
+def _bucket(n: int) -> int:
+    return max(8, 1 << (n - 1).bit_length())
+
+
+def _prepare_new(kernel, x, y, noise, x_new, mean, mean_new):
+    """Validated arguments, ``x_new`` in the data's dtype, ``mean_new`` as ``(n_new, D)`` and the
+    output shape ``(n_new,)`` or ``(n_new, D)``."""
     y_shape = _as_float_array("y", y).shape
     kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
-    x_new = _as_float_array("x_new", x_new).astype(x.dtype)
-    if x_new.ndim != x.ndim or x_new.shape[1:] != x.shape[1:]:
+    x_new = _as_float_array("x_new", x_new)
+    if x_new.ndim != x.ndim or x_new.shape[1:] != x.shape[1:] or x_new.shape[0] < 1:
         raise ValueError(
-            f"`x_new` must have shape (n_new,) + {x.shape[1:]} like `x`, got shape {x_new.shape}"
+            f"`x_new` must have shape (n_new,) + {x.shape[1:]} like `x` with n_new >= 1, got shape {x_new.shape}"
         )
-    check_finite("x_new", x_new)
-    _, dim = r.shape
-    n_new = x_new.shape[0]
-    expected = (n_new, *tuple(y_shape[1:]))
-    if mean_new is None:
-        mean_new = jnp.zeros((n_new, dim), x.dtype)
-    else:
+    _check_finite_cheaply("x_new", x_new)
+    out_shape = (x_new.shape[0], *tuple(y_shape[1:]))
+    if mean_new is not None:
         mean_new = _as_float_array("mean_new", mean_new)
-        if mean_new.shape == ():  # a constant mean
-            mean_new = jnp.broadcast_to(mean_new, expected)
-        if mean_new.shape != expected:
-            raise ValueError(f"`mean_new` must be a scalar or have shape {expected}, got shape {mean_new.shape}")
-        check_finite("mean_new", mean_new)
-        mean_new = mean_new.reshape(n_new, dim).astype(x.dtype)
+        if mean_new.shape not in ((), out_shape):
+            raise ValueError(f"`mean_new` must be a scalar or have shape {out_shape}, got shape {mean_new.shape}")
+        _check_finite_cheaply("mean_new", mean_new)
+    return kernel, noise, x, r, x_new, mean_new, out_shape
 
-    offset, variance = call_solver(resolve(solver, kernel, noise, x).predict, kernel, noise, x, r, x_new)
-    out_shape = (n_new, *tuple(y_shape[1:]))
-    return (mean_new + offset).reshape(out_shape), jnp.maximum(variance, 0.0).reshape(out_shape)
+
+def _check_finite_cheaply(name, value):
+    """:func:`check_finite`, on the host for a concrete single-device array: no program to
+    compile for each new shape (a sharded array is still reduced where it lives)."""
+    if isinstance(value, jax.core.Tracer) or len(value.sharding.device_set) > 1:
+        check_finite(name, value)
+    elif not np.all(np.isfinite(np.asarray(value))):
+        check_finite(name, value)  # for the message
+
+
+def _check_noise_new(noise_new, n_new, dim, dtype):
+    """``noise_new`` in ``dtype``, checked to fit ``x_new`` and to have an invertible precision."""
+    if not isinstance(noise_new, Noise):
+        raise TypeError(f"`noise_new` must be a gpgrad_jax.noise.Noise, got {type(noise_new).__name__}")
+    noise_new.check_shapes(n_new, dim)
+    for name, value in noise_new.positive_parameters().items():
+        _check_rule(f"noise_new.{name}", value, lambda a: a > 0, "> 0")
+    noise_new = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), noise_new)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(noise_new)):
+        return noise_new  # values unknown under a trace
+    if isinstance(noise_new, BlockDiagonal):
+        matrices = noise_new.observation_blocks(n_new, dim)[0]
+    else:
+        matrices = noise_new.dense_matrix(n_new, dim)
+    _, ranks = log_pseudo_determinants(matrices)
+    if not bool(jnp.all(ranks == matrices.shape[-1])) or not bool(jnp.all(jnp.isfinite(matrices))):
+        raise ValueError(
+            "`noise_new` must have an invertible precision: a new observation with no information "
+            "along some direction has infinite variance there (pass noise_new=None for the latent "
+            "function's variance)"
+        )
+    return noise_new
