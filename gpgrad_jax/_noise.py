@@ -206,8 +206,8 @@ class PerPoint(BlockDiagonal):
             >>> import jax.numpy as jnp
             >>> from gpgrad_jax import noise
             >>> nz = noise.PerPoint.from_covariance(jnp.stack([jnp.diag(jnp.array([0.01, 0.04, 0.09]))] * 2))
-            >>> [round(float(v), 6) for v in jnp.diagonal(nz.blocks[0])]
-            [10.0, 5.0, 3.333333]
+            >>> tuple(round(float(v), 6) for v in jnp.diagonal(nz.blocks[0]))
+            (10.0, 5.0, 3.333333)
         """
         covariance = _square_matrices("covariance", covariance, batched=True)
         return cls(_inverse_cholesky("covariance", covariance))
@@ -240,8 +240,8 @@ class PerPoint(BlockDiagonal):
             >>> points = jnp.array([[0.1, 0.2, 5.0], [0.3, -0.1, 6.0]])
             >>> jacobians = jax.vmap(jax.jacfwd(project))(points)           # (n, 2, 3)
             >>> nz = noise.PerPoint.from_projection(jacobians, pixel_sigma=1.0)
-            >>> [int(r) for r in jnp.linalg.matrix_rank(nz.blocks)]        # blind along each ray
-            [2, 2]
+            >>> tuple(int(r) for r in jnp.linalg.matrix_rank(nz.blocks))   # blind along each ray
+            (2, 2)
         """
         jacobians = jnp.asarray(jacobians)
         if jacobians.ndim != 3:

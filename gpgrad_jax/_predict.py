@@ -158,8 +158,16 @@ def sample_posterior(
 
     Args:
         key: a ``jax.random`` key.
+        kernel: as in :func:`predict`.
+        x: as there.
+        y: as there.
+        noise: as there.
+        x_new: as there.
         num_samples: how many draws.
-        Others: as in :func:`predict`.
+        mean: as in :func:`predict`.
+        mean_new: as there.
+        solver: as there.
+        noise_new: as there: draws of new observations instead of the latent function.
 
     Returns:
         Shape ``(num_samples, n_new)`` for 1-D data or ``(num_samples, n_new, D)``.
