@@ -7,11 +7,12 @@
 from gpgrad_jax import kernels, noise, reference
 from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood, log_probability
 from gpgrad_jax._predict import predict, sample_posterior
-from gpgrad_jax._validation import FactorizationError, NumericalError, value_checks
+from gpgrad_jax._validation import ConditioningWarning, FactorizationError, NumericalError, value_checks
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "ConditioningWarning",
     "FactorizationError",
     "NumericalError",
     "index_gradient",

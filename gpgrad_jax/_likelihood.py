@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._noise import Noise
 from gpgrad_jax._solvers import call_solver, resolve
-from gpgrad_jax._validation import check_problem
+from gpgrad_jax._validation import check_finite_output, check_problem
 
 Array = Any
 
@@ -87,7 +87,9 @@ def log_marginal_likelihood(
         True
     """
     kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
-    return call_solver(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
+    value = call_solver(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
+    check_finite_output(value)
+    return value
 
 
 def log_probability(
@@ -135,6 +137,7 @@ def log_probability(
     """
     kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
     value = call_solver(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
+    check_finite_output(value)
     return value + noise_log_density_correction(noise, *r.shape)
 
 
@@ -174,4 +177,7 @@ def index_gradient(
         (4,)
     """
     kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
-    return call_solver(resolve(solver, kernel, noise, x).index_gradient, kernel, noise, x, r)
+    value, grad_x = call_solver(resolve(solver, kernel, noise, x).index_gradient, kernel, noise, x, r)
+    check_finite_output(value)
+    check_finite_output(grad_x)
+    return value, grad_x

@@ -3,18 +3,20 @@
 Shapes and dtypes are checked on every call, before anything is traced (so
 also under ``jit`` and ``vmap``, where shapes are known).  Values — finiteness,
 positivity, non-negative cubic-spline indices — are checked whenever the
-argument is concrete; under ``jit`` call :func:`gpgrad_jax.value_checks` inside a ``checkify``-
-transformed function to get the same checks at run time.
+argument is concrete; under ``jit`` they become ``checkify.debug_check`` calls: the same errors at
+run time for a caller who transforms the function with ``checkify``, nothing otherwise.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._noise import Noise
@@ -57,14 +59,22 @@ def check_finite_value(value: Any) -> None:
     )
 
 
+class ConditioningWarning(UserWarning):
+    """``U`` is ill-conditioned for the working precision: the result may have lost accuracy."""
+
+
+_WARNED_CONDITIONING: set[str] = set()
+
+
 def check_factorization(chol: Any, u_core: Callable[[], Any]) -> None:
     """Raise :class:`FactorizationError` with advice if a *concrete* factor of ``U`` is unusable.
 
-    Unusable means not finite (the factorisation broke down) or so ill-conditioned
-    that nothing of the result is right: ``(max Lᵢᵢ / min Lᵢᵢ)²``, a lower bound
-    on ``cond(U)``, exceeds ``1/eps`` of the working precision.  Under ``jit``
-    the factor is traced; rerun the call outside ``jit`` (or under
-    ``jax.disable_jit()``) to get this message.
+    Unusable means not finite: the factorisation broke down, and so would the result (under
+    ``jit`` the same input gives a NaN, or this message through ``checkify``). A finite factor
+    whose ``(max Lᵢᵢ / min Lᵢᵢ)²`` — a lower bound on ``cond(U)`` — exceeds ``1/eps`` is
+    used, with one :class:`ConditioningWarning` per precision and process: the precision form
+    often keeps such results accurate (a float32 cubic spline on ``[0, 3000]``: gradient within
+    1e-6 of float64), so refusing them would refuse usable answers.
     """
     if isinstance(chol, jax.core.Tracer):
         return
@@ -73,9 +83,18 @@ def check_factorization(chol: Any, u_core: Callable[[], Any]) -> None:
     pivots = np.abs(np.asarray(jnp.diagonal(chol))).astype(np.float64)
     dtype = chol.dtype
     eps = float(np.finfo(dtype).eps)
-    finite = bool(np.all(np.isfinite(pivots)))
+    finite = bool(np.all(np.isfinite(pivots))) and pivots.min() > 0
     cond_bound = float((pivots.max() / pivots.min()) ** 2) if finite else np.inf
-    if finite and cond_bound * eps < 1.0:
+    if finite:
+        if cond_bound * eps >= 1.0 and str(dtype) not in _WARNED_CONDITIONING:
+            _WARNED_CONDITIONING.add(str(dtype))
+            warnings.warn(
+                f"U = I + S (K ⊗ I_D) Sᵀ is ill-conditioned for {dtype} (cond(U) ≥ {cond_bound:.1e} > "
+                f"1/eps): the result may have lost accuracy. Rescale the indices or the kernel "
+                "variances, or use float64. (Shown once per precision.)",
+                ConditioningWarning,
+                stacklevel=2,
+            )
         return
     u = np.asarray(u_core(), np.float64)  # computed only now, for the message
     if not np.all(np.isfinite(u)):
@@ -191,7 +210,9 @@ def check_finite(name: str, value: Any) -> None:
 
 def _check_rule(name, value, predicate, requirement):
     if isinstance(value, jax.core.Tracer):
-        return  # traced: see value_checks
+        # The same message at run time when the caller runs under checkify (a no-op otherwise).
+        checkify.debug_check(jnp.all(predicate(value)), f"`{name}` must be {requirement}")
+        return
     with jax.ensure_compile_time_eval():  # concrete inside a jit trace too: evaluate now
         array = jnp.asarray(value)
         if bool(jnp.all(predicate(array))):
@@ -201,12 +222,11 @@ def _check_rule(name, value, predicate, requirement):
 
 
 def value_checks(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any = None) -> None:
-    """The value checks as ``checkify.check`` calls, for code running under ``jit``.
+    """The value checks as ``checkify.check`` calls, on their own.
 
-    Shapes are always checked eagerly, and values too when they are concrete;
-    under ``jit`` they are tracers, so call this inside the function and
-    transform it with ``checkify`` to get the same messages at run time.  Add
-    ``checkify.nan_checks`` to also catch a failed factorisation of ``U``.
+    The public functions make these checks themselves (eagerly, or under ``jit`` for a caller
+    who transforms the function with ``checkify``); call this to check a problem's values before
+    other code of yours runs, or without computing anything.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -217,13 +237,11 @@ def value_checks(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any = None)
         >>> def loss(x, y):
         ...     gg.value_checks(k, x, y, nz)
         ...     return -gg.log_marginal_likelihood(k, x, y, nz)
-        >>> checked = jax.jit(checkify.checkify(loss, errors=checkify.user_checks | checkify.nan_checks))
+        >>> checked = jax.jit(checkify.checkify(loss))
         >>> error, _ = checked(jnp.array([-1.0, 0.5]), jnp.zeros(2))
         >>> "`x` must be >= 0 for the CubicSpline kernel" in error.get()
         True
     """
-    from jax.experimental import checkify
-
     for name, value, predicate, requirement in _value_rules(kernel, x, y, noise, mean):
         checkify.check(jnp.all(predicate(jnp.asarray(value))), f"`{name}` must be {requirement}")
 
@@ -297,3 +315,15 @@ def check_registered(kernel: Kernel) -> None:
 def _named_leaves(prefix: str, tree: Any) -> list[tuple[str, Any]]:
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return [(prefix + jax.tree_util.keystr(path), leaf) for path, leaf in leaves]
+
+
+def check_finite_output(value: Any) -> None:
+    """Under a trace, a non-finite result becomes the ``checkify`` error the eager call raises
+    as :class:`NumericalError` (a no-op when the caller does not use ``checkify``)."""
+    if isinstance(value, jax.core.Tracer):
+        checkify.debug_check(
+            jnp.all(jnp.isfinite(value)),
+            f"the result is not finite in {value.dtype}: U = I + S (K ⊗ I_D) Sᵀ could not be factored, "
+            "or the state-space covariances or the value overflowed. Rescale the indices or the "
+            "kernel variances, or use float64; the same call outside jit raises with details.",
+        )

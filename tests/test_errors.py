@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import traceback
 import warnings
 
@@ -15,7 +16,7 @@ from jax.experimental import checkify
 from problems import assert_trees_close
 
 import gpgrad_jax as gg
-from gpgrad_jax import kernels, noise
+from gpgrad_jax import _validation, kernels, noise
 
 N = 5
 CURVE = kernels.CubicSpline(1.0) + kernels.Linear(0.5) + kernels.Constant(1.0)
@@ -172,13 +173,68 @@ def test_value_checks_under_jit_with_checkify():
             error.throw()
 
 
+# float32, 60 points on [0, 1] under a smooth kernel with tiny noise: K/σ² ~ 1e6 with eigenvalues
+# decaying to rounding, and the Cholesky factorisation of U breaks down.
+BREAKDOWN = (
+    kernels.ExpSquared(jnp.float32(1.0), jnp.float32(3.0)),
+    jnp.linspace(0.0, 1.0, 60, dtype=jnp.float32),
+    jnp.sin(jnp.linspace(0.0, 1.0, 60, dtype=jnp.float32)),
+    noise.Isotropic(jnp.float32(1e-3)),
+)
+BREAKDOWN_FUNCTIONS = {
+    "value": gg.log_marginal_likelihood,
+    "log_probability": gg.log_probability,
+    "index_gradient": gg.index_gradient,
+    "grad": jax.grad(gg.log_marginal_likelihood, argnums=1),
+}
+
+
 @pytest.mark.float32
-def test_failed_factorisation_names_the_cause_and_the_remedy():
-    x = jnp.linspace(0.0, 3000.0, 40, dtype=jnp.float32)
-    y = jnp.sin(x)
-    for fn in (gg.log_marginal_likelihood, gg.index_gradient, jax.grad(gg.log_marginal_likelihood, argnums=1)):
-        with pytest.raises(gg.FactorizationError, match=r"(?s)float32.*condition number.*Rescale.*float64"):
-            fn(kernels.CubicSpline(1.0), x, y, noise.Isotropic(jnp.float32(0.01)), solver="dense")
+@pytest.mark.parametrize("name", sorted(BREAKDOWN_FUNCTIONS))
+def test_failed_factorisation_is_one_outcome_eagerly_and_under_jit(name):
+    """Eagerly a FactorizationError naming the cause and the remedy; under jit a NaN, and through
+    checkify an error — with no value_checks call of the caller's."""
+    fn = BREAKDOWN_FUNCTIONS[name]
+    with pytest.raises(gg.FactorizationError, match=r"(?s)float32.*could not be Cholesky-factored.*condition number.*Rescale.*float64"):
+        fn(*BREAKDOWN)
+    assert not np.all(np.isfinite(jax.tree_util.tree_leaves(jax.jit(fn)(*BREAKDOWN))[0]))
+    error, _ = jax.jit(checkify.checkify(fn))(*BREAKDOWN)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"(?s)not finite in float32.*Rescale.*float64"):
+        error.throw()
+
+
+@pytest.mark.float32
+def test_ill_conditioned_but_usable_results_are_returned_with_one_warning():
+    """A float32 cubic spline on [0, 3000]: cond(U) far beyond 1/eps, yet the result is the one
+    jit returns, close to float64's: a warning (once per precision), not an error."""
+    x = jnp.linspace(0.0, 3000.0, 40)
+    args = (kernels.CubicSpline(1.0), x.astype(jnp.float32), jnp.sin(x).astype(jnp.float32), noise.Isotropic(jnp.float32(0.01)))
+    _validation._WARNED_CONDITIONING.discard("float32")
+    with pytest.warns(gg.ConditioningWarning, match="ill-conditioned for float32"):
+        eager = gg.log_marginal_likelihood(*args, solver="dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning
+        again = gg.log_marginal_likelihood(*args, solver="dense")
+    jitted = jax.jit(functools.partial(gg.log_marginal_likelihood, solver="dense"))(*args)
+    assert eager == again == jitted
+    if jax.config.jax_enable_x64:
+        want = gg.log_marginal_likelihood(kernels.CubicSpline(1.0), x, jnp.sin(x), noise.Isotropic(0.01), solver="dense")
+        np.testing.assert_allclose(eager, want, rtol=1e-3)
+
+
+def test_value_rules_reach_checkify_without_value_checks():
+    def loss(x, y, sigma):
+        return gg.log_marginal_likelihood(CURVE, x, y, noise.Isotropic(sigma))
+
+    checked = jax.jit(checkify.checkify(loss))
+    error, _ = checked(X, Y3, 0.3)
+    error.throw()
+    error, _ = checked(X - 1.0, Y3, 0.3)
+    with pytest.raises(checkify.JaxRuntimeError, match="`x` must be >= 0"):
+        error.throw()
+    error, _ = jax.jit(checkify.checkify(jax.grad(loss, argnums=2)))(X, Y3, -0.3)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"`noise\.sigma` must be > 0"):
+        error.throw()
 
 
 @pytest.mark.float32

@@ -101,7 +101,7 @@ def test_rank_deficient_blocks_give_the_density_of_the_observed_coordinates(solv
     for i, block in enumerate(blocks):
         _, singular_values, vh = np.linalg.svd(block)
         for sv, v in zip(singular_values, vh):
-            if sv > 1e-9 * max(singular_values.max(), 1e-300):
+            if sv > 1e-5 * max(singular_values.max(), 1e-300):  # rounding is not rank, in float32 too
                 row = np.zeros(n * dim)
                 row[i * dim : (i + 1) * dim] = v
                 rows.append(row)
@@ -127,7 +127,8 @@ def test_pseudo_determinant_rule_is_finite_at_repeated_singular_values(rtol):
     np.testing.assert_allclose(log_pdet, [2 * np.log(1 / 0.3), 0.0, 0.0], rtol=rtol, atol=rtol)
     np.testing.assert_array_equal(rank, [2, 0, 3])
     (grad,) = vjp((jnp.ones(3), jnp.zeros(3)))
-    np.testing.assert_allclose(grad, np.transpose(np.linalg.pinv(np.asarray(blocks, np.float64)), (0, 2, 1)), rtol=rtol, atol=rtol)
+    pinv = np.linalg.pinv(np.asarray(blocks, np.float64), rcond=1e-5)  # rounding is not rank, in float32 too
+    np.testing.assert_allclose(grad, np.transpose(pinv, (0, 2, 1)), rtol=rtol, atol=rtol)
 
 
 def test_noise_scale_gradient_matches_finite_differences(x64):
@@ -148,7 +149,7 @@ def test_noise_scale_gradient_matches_finite_differences(x64):
 
 def _simulate(key, kernel, x, sigma):
     n = x.shape[0]
-    f = jnp.linalg.cholesky(kernel.matrix(x, x) + 1e-9 * jnp.eye(n)) @ jax.random.normal(key, (n, 3))
+    f = jnp.linalg.cholesky(kernel.matrix(x, x) + 1e-4 * jnp.eye(n)) @ jax.random.normal(key, (n, 3))  # jitter float32 holds
     return f + sigma * jax.random.normal(jax.random.fold_in(key, 1), (n, 3))
 
 
@@ -175,7 +176,7 @@ def test_noise_scale_is_recovered_by_log_probability_not_by_L(noise_kind):
         for _ in range(200):  # gradient descent with a simple backtracking step
             value, grad = loss(log_sigma)
             step = 0.05
-            while loss(log_sigma - step * grad)[0] > value and step > 1e-8:
+            while not loss(log_sigma - step * grad)[0] <= value and step > 1e-8:  # NaN is no descent
                 step /= 2
             log_sigma = log_sigma - step * grad
         return float(jnp.exp(log_sigma))
