@@ -65,7 +65,7 @@ def check_kernel(kernel: kernel_classes.Kernel, x: Array, *, rtol: float | None 
     if rtol is None:
         rtol = 1e-6 if x.dtype == jnp.float64 else 1e-2
 
-    gram = np.asarray(kernel.matrix(x, x), np.float64)
+    gram, hand, auto = (np.asarray(a, np.float64) for a in _kernel_matrices(kernel, x))
     _assert_finite("evaluate", gram, x)
     scale = max(float(np.max(np.abs(gram))), np.finfo(np.float64).tiny)
     _assert_close("evaluate is not symmetric: k(a, b) != k(b, a)", gram, gram.T, rtol * scale, x)
@@ -76,15 +76,19 @@ def check_kernel(kernel: kernel_classes.Kernel, x: Array, *, rtol: float | None 
             f"smallest eigenvalue {smallest:.3e} (largest entry {scale:.3e})"
         )
 
-    hand = np.asarray(kernel.grad_first_matrix(x, x), np.float64)
     _assert_finite("grad_first", hand, x)
-    auto = np.asarray(_derivative_of_evaluate(kernel, x), np.float64)
     if auto.shape != hand.shape:
         raise AssertionError(f"grad_first returned shape {hand.shape[2:]} per pair; ∂k/∂a has shape {auto.shape[2:]}")
     derivative_scale = max(float(np.max(np.abs(auto))), 1e-12 * scale)
     _assert_close("grad_first disagrees with the derivative of evaluate", hand, auto, rtol * derivative_scale, x)
 
     _check_whole_rule(kernel, x, rtol)
+
+
+@jax.jit  # one compilation per kernel structure instead of hundreds of eager operations
+def _kernel_matrices(kernel, x):
+    """The Gram matrix, ``grad_first`` on every pair, and the derivative of ``evaluate``."""
+    return kernel.matrix(x, x), kernel.grad_first_matrix(x, x), _derivative_of_evaluate(kernel, x)
 
 
 def _derivative_of_evaluate(kernel, x):
@@ -138,8 +142,7 @@ def _check_whole_rule(kernel, x, rtol):
     y = jnp.asarray(np.random.default_rng(0).normal(size=(n, 2)), x.dtype)
     noise = noise_classes.Isotropic(jnp.asarray(0.5, x.dtype) * jnp.sqrt(jnp.max(jax.vmap(kernel.evaluate)(x, x))))
     args = (kernel, x, y, noise)
-    closed = jax.grad(log_marginal_likelihood, argnums=(0, 1))(*args, solver="dense")
-    plain = jax.grad(reference_log_marginal_likelihood, argnums=(0, 1))(*args)
+    closed, plain = _likelihood_gradients(*args)
     leaves, treedef = jax.tree_util.tree_flatten((kernel, x))
     for index, ((path, g), w) in enumerate(zip(jax.tree_util.tree_leaves_with_path(closed), jax.tree_util.tree_leaves(plain))):
         what = "x" if path[0].idx == 1 else f"the kernel's parameter {jax.tree_util.keystr(path[1:])}"
@@ -157,6 +160,13 @@ def _check_whole_rule(kernel, x, rtol):
             )
 
 
+@jax.jit
+def _likelihood_gradients(kernel, x, y, noise):
+    """``∂L/∂(kernel, x)`` by the closed-form rule and by autodiff through the dense reference."""
+    closed = jax.grad(log_marginal_likelihood, argnums=(0, 1))(kernel, x, y, noise, solver="dense")
+    return closed, jax.grad(reference_log_marginal_likelihood, argnums=(0, 1))(kernel, x, y, noise)
+
+
 def _reference_at(leaves, treedef, index, leaf, y, noise):
     moved = list(leaves)
     moved[index] = leaf
@@ -168,7 +178,8 @@ def _central_differences(f, at):
     at = jnp.asarray(at)
     h = jnp.finfo(at.dtype).eps ** (1.0 / 3.0) * jnp.maximum(1.0, jnp.max(jnp.abs(at)))
     basis = jnp.eye(at.size, dtype=at.dtype).reshape((at.size, *at.shape))
-    return np.asarray(jax.vmap(lambda e: (f(at + h * e) - f(at - h * e)) / (2.0 * h))(basis).reshape(at.shape), np.float64)
+    differences = jax.jit(jax.vmap(lambda e: (f(at + h * e) - f(at - h * e)) / (2.0 * h)))
+    return np.asarray(differences(basis).reshape(at.shape), np.float64)
 
 
 # -------------------------------------------------------------- strategies
