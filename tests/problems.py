@@ -170,6 +170,17 @@ def make_problem(
     return problem.astype(dtype)
 
 
+def kernel_noise_pairs(kernel_names, noise_kinds) -> list[tuple[str, str]]:
+    """The (kernel, noise) cases of a property: all of them in the full profile; in the fast one
+    two noise kinds per kernel, in turn, so that every kernel, every noise kind and (through
+    ``_structure``) both data dimensions still appear — half the compilations."""
+    kernel_names = sorted(kernel_names)
+    if FULL:
+        return [(k, nk) for k in kernel_names for nk in noise_kinds]
+    count, stride = len(noise_kinds), len(kernel_names)  # the second noise kind continues the round
+    return [(k, noise_kinds[(i + step * stride) % count]) for i, k in enumerate(kernel_names) for step in (0, 1)]
+
+
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 # Drawn per example in the full profile; in the fast one left to the structure rng.
 data_dims = st.sampled_from(DATA_DIMS) if FULL else st.just(BY_STRUCTURE)

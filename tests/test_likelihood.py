@@ -14,6 +14,7 @@ from problems import (
     data_dims,
     index_dims,
     jaxpr_shapes,
+    kernel_noise_pairs,
     make_problem,
     seeds,
 )
@@ -39,8 +40,7 @@ def closed_form_and_reference(*args):
 
 
 @pytest.mark.float32
-@pytest.mark.parametrize("noise_kind", NOISES)
-@pytest.mark.parametrize("kernel_name", sorted(KERNELS))
+@pytest.mark.parametrize("kernel_name, noise_kind", kernel_noise_pairs(KERNELS, NOISES))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
 def test_matches_plain_autodiff(kernel_name, noise_kind, seed, dim, index_dim, rtol):
     """Value and the cotangents of *every* input equal the dense autodiff reference."""

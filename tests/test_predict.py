@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from problems import NOISES, assert_trees_close, data_dims, index_dims, make_problem, seeds
+from problems import NOISES, assert_trees_close, data_dims, index_dims, kernel_noise_pairs, make_problem, seeds
 
 import gpgrad_jax as gg
 from gpgrad_jax import kernels, noise
@@ -28,8 +28,7 @@ def _dense_posterior(kernel, x, y, nz, mean, x_new):
 
 
 @pytest.mark.float32
-@pytest.mark.parametrize("noise_kind", NOISES)
-@pytest.mark.parametrize("kernel_name", ["curve", "matern52"])
+@pytest.mark.parametrize("kernel_name, noise_kind", kernel_noise_pairs(["curve", "matern52"], NOISES))
 @settings(max_examples=min(6, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
 def test_predict_matches_dense_formula(kernel_name, noise_kind, seed, dim, index_dim, rtol):
