@@ -170,15 +170,15 @@ def make_problem(
     return problem.astype(dtype)
 
 
-def kernel_noise_pairs(kernel_names, noise_kinds) -> list[tuple[str, str]]:
+def kernel_noise_pairs(kernel_names, noise_kinds, per_kernel: int = 2) -> list[tuple[str, str]]:
     """The (kernel, noise) cases of a property: all of them in the full profile; in the fast one
-    two noise kinds per kernel, in turn, so that every kernel, every noise kind and (through
-    ``_structure``) both data dimensions still appear — half the compilations."""
+    ``per_kernel`` noise kinds per kernel, in turn, so that every kernel, every noise kind and
+    (through ``_structure``) both data dimensions still appear — a fraction of the compilations."""
     kernel_names = sorted(kernel_names)
-    if FULL:
+    if FULL or per_kernel >= len(noise_kinds):
         return [(k, nk) for k in kernel_names for nk in noise_kinds]
-    count, stride = len(noise_kinds), len(kernel_names)  # the second noise kind continues the round
-    return [(k, noise_kinds[(i + step * stride) % count]) for i, k in enumerate(kernel_names) for step in (0, 1)]
+    count, stride = len(noise_kinds), len(kernel_names)  # each further noise kind continues the round
+    return [(k, noise_kinds[(i + step * stride) % count]) for i, k in enumerate(kernel_names) for step in range(per_kernel)]
 
 
 seeds = st.integers(min_value=0, max_value=2**32 - 1)

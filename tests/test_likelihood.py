@@ -67,8 +67,9 @@ def _central_difference(f, x, eps):
     return grad.reshape(x.shape)
 
 
-@pytest.mark.parametrize("noise_kind", ["isotropic", "per_point_rank_deficient"])
-@pytest.mark.parametrize("kernel_name", sorted(KERNELS))
+@pytest.mark.parametrize(
+    "kernel_name, noise_kind", kernel_noise_pairs(KERNELS, ["isotropic", "per_point_rank_deficient"], per_kernel=1)
+)
 @settings(max_examples=min(4, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
 def test_index_gradient_matches_finite_differences(kernel_name, noise_kind, seed, dim, index_dim, x64):
@@ -128,8 +129,7 @@ def test_coincident_indices_give_finite_exact_gradients(kernel_name, pattern, x6
         np.testing.assert_allclose(grad_x, numeric, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel_name", ["exp_squared", "matern32"])
-@pytest.mark.parametrize("noise_kind", NOISES)
+@pytest.mark.parametrize("kernel_name, noise_kind", kernel_noise_pairs(["exp_squared", "matern32"], NOISES))
 def test_vmap_over_data_sets_and_index_sets(kernel_name, noise_kind, rtol):
     problems = [make_problem(kernel_name, noise_kind, seed, 3, None) for seed in range(3)]
     kernel, _, _, nz, mean = problems[0].args()

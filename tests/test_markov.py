@@ -145,7 +145,7 @@ def test_predict_equals_the_dense_posterior(solver, rtol):
         assert_trees_close(got, want, 10 * rtol, f"predict {noise_kind}")
 
 
-def test_vmap_jit_and_second_derivatives(x64):
+def test_vmap_and_jit(x64):
     problems = [make_markov_problem("curve", "per_point_rank_deficient", s, 3) for s in range(3)]
     kernel, _, _, nz, mean = problems[0].args()
     xs = jnp.stack([p.x for p in problems])
@@ -155,7 +155,12 @@ def test_vmap_jit_and_second_derivatives(x64):
     for i in range(3):
         want = jax.value_and_grad(gg.log_marginal_likelihood, argnums=1)(kernel, xs[i], ys[i], nz, mean, solver="dense")
         assert_trees_close((batched[0][i], batched[1][i]), want, 1e-9 if x64 else 2e-3, f"batch {i}")
-    x, y = xs[0], ys[0]
+
+
+@pytest.mark.slow  # differentiating the smoother's rule compiles for 5 s on CPU
+def test_second_derivatives(x64):
+    kernel, x, y, nz, mean = make_markov_problem("curve", "per_point_rank_deficient", 0, 3).args()
+    f = functools.partial(gg.log_marginal_likelihood, solver="markov")
     # Forward over reverse, as jax.hessian does: it compiles in half the time of reverse over reverse.
     hessian = jax.jit(jax.jacfwd(jax.grad(lambda x_: f(kernel, x_, y, nz, mean))))(x)
     reference = jax.jit(jax.hessian(lambda x_: gg.reference.log_marginal_likelihood(kernel, x_, y, nz, mean)))(x)
