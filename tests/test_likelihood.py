@@ -57,6 +57,10 @@ def test_matches_plain_autodiff(kernel_name, noise_kind, seed, dim, index_dim, r
     assert_trees_close(explicit_grad_x, grads[1], rtol, "index_gradient vs custom_vjp")
 
 
+# Module level: one compilation per structure, not one per hypothesis example.
+_GRAD_X = jax.jit(jax.grad(gg.log_marginal_likelihood, argnums=1))
+
+
 def _central_difference(f, x, eps):
     flat = np.asarray(x, np.float64).ravel()
     grad = np.empty_like(flat)
@@ -80,7 +84,7 @@ def test_index_gradient_matches_finite_differences(kernel_name, noise_kind, seed
     kernel, x, y, nz, mean = problem.args()
     value = jax.jit(gg.log_marginal_likelihood)
     numeric = _central_difference(lambda x_: float(value(kernel, x_, y, nz, mean)), x, 1e-6)
-    grad_x = jax.jit(jax.grad(gg.log_marginal_likelihood, argnums=1))(kernel, x, y, nz, mean)
+    grad_x = _GRAD_X(kernel, x, y, nz, mean)
     np.testing.assert_allclose(grad_x, numeric, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(numeric).max()))
 
 

@@ -85,6 +85,11 @@ def _central_difference(f, x, eps=1e-6):
     return grad.reshape(np.shape(x))
 
 
+# Module level: one compilation per structure, not one per hypothesis example.
+_MARKOV_VALUE = jax.jit(functools.partial(gg.log_marginal_likelihood, solver="markov"))
+_MARKOV_GRAD = jax.jit(jax.grad(functools.partial(gg.log_marginal_likelihood, solver="markov"), argnums=(0, 1)))
+
+
 @pytest.mark.parametrize("kernel_name", ["curve", "scaled_sum"])
 @settings(max_examples=min(3, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims)
@@ -93,8 +98,7 @@ def test_markov_gradients_match_finite_differences(kernel_name, seed, dim, x64):
     if not x64:
         pytest.skip("finite differences need float64")
     kernel, x, y, nz, mean = make_markov_problem(kernel_name, "per_point_rank_deficient", seed, dim, n=5).args()
-    value = jax.jit(functools.partial(gg.log_marginal_likelihood, solver="markov"))
-    grad = jax.jit(jax.grad(functools.partial(gg.log_marginal_likelihood, solver="markov"), argnums=(0, 1)))
+    value, grad = _MARKOV_VALUE, _MARKOV_GRAD
     kernel_grad, x_grad = grad(kernel, x, y, nz, mean)
     numeric = _central_difference(lambda x_: float(value(kernel, x_, y, nz, mean)), x)
     np.testing.assert_allclose(x_grad, numeric, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(numeric).max()))
