@@ -86,7 +86,11 @@ def log_marginal_likelihood(
         >>> bool(jnp.allclose(dense, markov, rtol=1e-4))
         True
     """
-    kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
+    return _precision_form(solver, *prepare(kernel, x, y, noise, mean))
+
+
+def _precision_form(solver, kernel, noise, x, r):
+    """``L`` on prepared arguments, by the chosen solver's closed-form rule."""
     value = call_solver(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
     check_finite_output(value)
     return value
@@ -136,9 +140,7 @@ def log_probability(
         True
     """
     kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
-    value = call_solver(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
-    check_finite_output(value)
-    return value + noise_log_density_correction(noise, *r.shape)
+    return _precision_form(solver, kernel, noise, x, r) + noise_log_density_correction(noise, *r.shape)
 
 
 def noise_log_density_correction(noise: Noise, n: int, dim: int) -> jax.Array:
