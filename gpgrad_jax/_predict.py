@@ -92,8 +92,8 @@ def predict(
         padded = _pad(x_new, _bucket(out_shape[0]), x.dtype)
         offset, variance = call_solver(resolve(solver, kernel, noise, x).predict, kernel, noise, x, r, padded)
         return _finish_marginals(out_shape, mean_new, offset, variance, noise_new)
-    resolve(solver, kernel, noise, x)  # the solver name is still validated
-    x_new = _pad(x_new, out_shape[0], x.dtype)
+    resolve(solver, kernel, noise, x)  # the solver's name and applicability are still checked
+    x_new = _pad(x_new, out_shape[0], x.dtype)  # only the cast: an (n_new·D)² result gains nothing from buckets
     offset, covariance = call_solver(resolve("dense", kernel, noise, x).predict_covariance, kernel, noise, x, r, x_new)
     return _finish_covariance(out_shape, mean_new, offset, covariance, noise_new)
 
