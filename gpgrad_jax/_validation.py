@@ -73,8 +73,9 @@ def check_factorization(chol: Any, u_core: Callable[[], Any]) -> None:
     ``jit`` the same input gives a NaN, or this message through ``checkify``). A finite factor
     whose ``(max Lᵢᵢ / min Lᵢᵢ)²`` — a lower bound on ``cond(U)`` — exceeds ``1/eps`` is
     used, with one :class:`ConditioningWarning` per precision and process: the precision form
-    often keeps such results accurate (a float32 cubic spline on ``[0, 3000]``: gradient within
-    1e-6 of float64), so refusing them would refuse usable answers.
+    often keeps such results usable (a float32 cubic spline on ``[0, 3000]``, 50 points: value
+    within 5e-4 of float64, the gradient within 0.13 in max norm), and refusing them eagerly while
+    ``jit`` returns them gave one input two outcomes.
     """
     if isinstance(chol, jax.core.Tracer):
         return
