@@ -298,8 +298,7 @@ class PerPoint(BlockDiagonal):
         return jnp.sum(log_pdet), jnp.sum(rank)
 
     def covariance(self, n, dim):
-        blocks = _gram_inverse(self._blocks3(dim))
-        return jnp.einsum("ij,iab->iajb", jnp.eye(n, dtype=blocks.dtype), blocks).reshape(n * dim, n * dim)
+        return _block_diagonal(_gram_inverse(self._blocks3(dim)))
 
     def variance(self, n, dim):
         return jnp.diagonal(_gram_inverse(self._blocks3(dim)), axis1=-2, axis2=-1)
@@ -308,10 +307,7 @@ class PerPoint(BlockDiagonal):
         return self._blocks3(dim), 1
 
     def dense_matrix(self, n, dim):
-        blocks = self._blocks3(dim)
-        return jnp.einsum("ij,iab->iajb", jnp.eye(n, dtype=blocks.dtype), blocks).reshape(
-            n * dim, n * dim
-        )
+        return _block_diagonal(self._blocks3(dim))
 
     def check_shapes(self, n, dim):
         shape = jnp.shape(self.blocks)
@@ -467,9 +463,14 @@ def _symmetric_sqrt(name, precision):
             )
     # Eigenvalues at rounding level are zeros (directions without information): their square
     # roots, ~sqrt(eps), would otherwise pass for information, and count in the rank.
-    tolerance = jnp.max(jnp.abs(eigenvalues), axis=-1, keepdims=True) * precision.shape[-1] * jnp.finfo(precision.dtype).eps
-    roots = jnp.where(eigenvalues > tolerance, jnp.sqrt(jnp.maximum(eigenvalues, 0.0)), 0.0)
+    roots = jnp.where(_rank_mask(eigenvalues, precision.shape), jnp.sqrt(jnp.maximum(eigenvalues, 0.0)), 0.0)
     return jnp.einsum("...ij,...j,...kj->...ik", vectors, roots, vectors)
+
+
+def _block_diagonal(blocks):
+    """``blockdiag(B_1 … B_n)`` of ``(n, D, D)`` blocks, ``(nD, nD)``."""
+    n, dim, _ = blocks.shape
+    return jnp.einsum("ij,iab->iajb", jnp.eye(n, dtype=blocks.dtype), blocks).reshape(n * dim, n * dim)
 
 
 def _gram_inverse(matrices):

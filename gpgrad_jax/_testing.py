@@ -96,17 +96,8 @@ def _derivative_of_evaluate(kernel, x):
     grad = jax.grad(kernel.evaluate, argnums=0)
     pairwise = lambda f: jax.vmap(jax.vmap(f, in_axes=(None, 0)), in_axes=(0, None))  # noqa: E731
     auto = pairwise(grad)(x, x)
-
-    def central(a, b):
-        h = jnp.finfo(a.dtype).eps ** (1.0 / 3.0) * jnp.maximum(1.0, jnp.max(jnp.abs(a)))
-
-        def along(e):
-            shift = (h * e).reshape(a.shape)
-            return (kernel.evaluate(a + shift, b) - kernel.evaluate(a - shift, b)) / (2.0 * h)
-
-        return jax.vmap(along)(jnp.eye(a.size, dtype=a.dtype)).reshape(a.shape)
-
-    return jnp.where(jnp.isfinite(auto), auto, pairwise(central)(x, x))
+    numeric = pairwise(lambda a, b: _central_differences(lambda a_: kernel.evaluate(a_, b), a))(x, x)
+    return jnp.where(jnp.isfinite(auto), auto, numeric)
 
 
 def _pair(index, shape):
@@ -150,7 +141,8 @@ def _check_whole_rule(kernel, x, rtol):
         how = "plain autodiff through the dense reference"
         if not np.all(np.isfinite(w)):  # autodiff through the reference is itself not finite
             how = "central differences of the dense reference"
-            w = _central_differences(lambda leaf, i=index: _reference_at(leaves, treedef, i, leaf, y, noise), leaves[index])
+            at_leaf = lambda leaf, i=index: _reference_at(leaves, treedef, i, leaf, y, noise)  # noqa: E731
+            w = np.asarray(jax.jit(lambda leaf, f=at_leaf: _central_differences(f, leaf))(leaves[index]), np.float64)
         tolerance = rtol * max(float(np.max(np.abs(w), initial=0.0)), 1.0)
         error = float(np.max(np.abs(g - w), initial=0.0))
         if not error <= tolerance:
@@ -175,11 +167,11 @@ def _reference_at(leaves, treedef, index, leaf, y, noise):
 
 
 def _central_differences(f, at):
+    """The gradient of the scalar ``f`` at ``at`` by central differences, step ``eps^⅓·max(1, |at|)``."""
     at = jnp.asarray(at)
     h = jnp.finfo(at.dtype).eps ** (1.0 / 3.0) * jnp.maximum(1.0, jnp.max(jnp.abs(at)))
     basis = jnp.eye(at.size, dtype=at.dtype).reshape((at.size, *at.shape))
-    differences = jax.jit(jax.vmap(lambda e: (f(at + h * e) - f(at - h * e)) / (2.0 * h)))
-    return np.asarray(differences(basis).reshape(at.shape), np.float64)
+    return jax.vmap(lambda e: (f(at + h * e) - f(at - h * e)) / (2.0 * h))(basis).reshape(at.shape)
 
 
 # -------------------------------------------------------------- strategies

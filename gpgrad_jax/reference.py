@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
+from gpgrad_jax._noise import _rank_mask
 from gpgrad_jax._validation import check_problem
 
 __all__ = ["log_marginal_likelihood", "log_probability"]
@@ -51,7 +52,7 @@ def log_probability(kernel, x, y, noise, mean=None):
     n, dim = y.shape
     s = noise.dense_matrix(n, dim)
     _, singular_values, vh = jnp.linalg.svd(jax.lax.stop_gradient(s))
-    keep = singular_values > singular_values.max() * max(s.shape) * jnp.finfo(s.dtype).eps
+    keep = _rank_mask(singular_values, s.shape)  # the library's tolerance; the route differs
     rank = jnp.sum(keep)
     row_space = vh[: singular_values.shape[0]] * keep[:, None]  # rows of Vᵀ with σ > 0, others zero
     null_projector = jnp.eye(s.shape[1], dtype=s.dtype) - row_space.T @ row_space
