@@ -47,19 +47,6 @@ def cho_inverse(chol):
     return _gram_of_lower(_triangular_inverse(chol), full=True)
 
 
-def small_matmul(a, b):
-    """``a @ b`` (batched) for the state-space solver's small matrices.
-
-    Up to 8 columns of ``a`` it is an unrolled sum of broadcast products, which XLA:CPU fuses
-    into the surrounding elementwise work: a ``dot`` per step inside a ``lax.scan`` that also
-    writes outputs measured 20× slower, and a broadcast-and-reduce 8× slower over a batch.
-    Larger matrices use ``matmul`` (the unrolled form would only lengthen compilation).
-    """
-    if a.shape[-1] > 8:
-        return jnp.matmul(a, b)
-    return sum(a[..., :, j, None] * b[..., None, j, :] for j in range(a.shape[-1]))
-
-
 def symmetrize_lower(lower):
     """``T + Tᵀ − diag(T)``: the symmetric matrix whose lower triangle is ``T``'s."""
     # One fused pass.  (A `where` on an iota mask compiles pathologically slowly on XLA:CPU
