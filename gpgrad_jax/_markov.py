@@ -354,6 +354,59 @@ def posterior_marginals(parallel, square_root, kernel, noise, x, r, x_new):
     return _posterior_marginals(parallel, False, kernel, noise, x, r, x_new)
 
 
+# ------------------------------------------------------------------ sampling
+
+
+def _prior_states(model: Model, noise, parallel):
+    """``s_k = A_k s_{k−1} + L_k ξ_k`` for standard normal ``ξ`` (``n, N, w``): prior draws of the
+    state at every point, by a ``lax.scan`` or an associative scan of the affine maps."""
+    shocks = _mm(model.noise_factor, noise)
+    if parallel:
+
+        def combine(first, second):
+            a1, b1 = first
+            a2, b2 = second
+            return _mm(a2, a1), _mm(a2, b1) + b2
+
+        return jax.lax.associative_scan(combine, (model.transition, shocks))[1]
+
+    def step(state, inputs):
+        transition, shock = inputs
+        state = _mm(transition, state) + shock
+        return state, state
+
+    return jax.lax.scan(step, jnp.zeros_like(shocks[0]), (model.transition, shocks))[1]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def posterior_draws(parallel, key, kernel, noise, x, r, num_samples, x_new):
+    """Draws of ``f(x_new) − μ`` from the posterior, ``(num_samples, n_new, D)``, in O(n + n_new).
+
+    Pathwise conditioning (Matheron's rule): a prior draw ``s`` of the state at the data and the
+    new indices together, simulated observations ``õ = C s + e``, and the posterior mean of the
+    state given the data minus them, ``s + E[s | o − õ]`` — a draw from ``p(s | o)``. The posterior
+    mean is linear in the observations, so all draws share one filter and smoother, their
+    observations riding along as columns. Always the square-root form (the prior needs the
+    process-noise factors anyway).
+    """
+    n, dim = r.shape
+    n_new = x_new.shape[0]
+    _, lay, model, p, q = _joint_model(kernel, noise, x, r, x_new, True)
+    total, big = model.transition.shape[:2]
+    width = num_samples * q
+    prior_key, obs_key = jax.random.split(key)
+    dtype = r.dtype
+    states = _prior_states(model, jax.random.normal(prior_key, (total, big, width), dtype), parallel)
+    simulated = _mm(model.obs_matrix, states) + jax.random.normal(obs_key, (total, p, width), dtype)
+    observed = jnp.tile(model.obs, (1, 1, num_samples))  # column s·q + j: draw s, coordinate j
+    model = model._replace(obs=observed - simulated)
+    filtered = _filter(model, lay, parallel, True)
+    smoothed = _smooth(filtered, model, lay, parallel, True, False)
+    draws = _unsort(_group_sum(states + smoothed.mean, lay, p, lay.starts), model)[n:]  # (n_new, p, S·q)
+    draws = draws.reshape(n_new, p, num_samples, q)
+    return jnp.moveaxis(draws, 2, 0).reshape(num_samples, n_new, dim)
+
+
 class MarkovSolver:
     """Markov kernels, block-diagonal noise, scalar indices; O(n) time and memory.
 
@@ -384,3 +437,7 @@ class MarkovSolver:
         n_new, p, q = mean.shape
         variance = jnp.broadcast_to(jnp.diagonal(cov, axis1=-2, axis2=-1)[..., None], (n_new, p, q))
         return mean.reshape(n_new, p * q), variance.reshape(n_new, p * q)
+
+    def sample(self, key, kernel, noise, x, r, x_new, num_samples):
+        """Posterior draws of the latent offset at ``x_new``, ``(num_samples, n_new, D)``, O(n + n_new)."""
+        return posterior_draws(self.parallel, key, kernel, noise, x, r, num_samples, x_new)

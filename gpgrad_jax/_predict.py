@@ -11,7 +11,9 @@ import numpy as np
 
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._likelihood import prepare
+from gpgrad_jax._markov import MarkovSolver
 from gpgrad_jax._noise import BlockDiagonal, Noise, log_pseudo_determinants
+from gpgrad_jax._smallmatrix import solve
 from gpgrad_jax._solvers import call_solver, resolve
 from gpgrad_jax._validation import _as_float_array, _check_rule, check_finite
 
@@ -42,7 +44,8 @@ def predict(
 
     The Markov solvers read the mean and marginal variances from the smoothed state, the new
     indices joining the filter as points with zero precision: O(n + n_new). The full covariance
-    uses the dense formula whatever the solver (O((nD)³ + (n_new D)²)).
+    uses the dense formula whatever the solver (O((nD)³ + (n_new D)²)); for draws,
+    :func:`sample_posterior` needs no covariance on the Markov path (O(n + n_new)).
 
     Args:
         kernel: as in :func:`gpgrad_jax.log_marginal_likelihood`.
@@ -93,6 +96,11 @@ def predict(
         offset, variance = call_solver(resolve(solver, kernel, noise, x).predict, kernel, noise, x, r, padded)
         return _finish_marginals(out_shape, mean_new, offset, variance, noise_new)
     resolve(solver, kernel, noise, x)  # the solver's name and applicability are still checked
+    return _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new)
+
+
+def _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new):
+    """Posterior mean and full covariance at ``x_new`` by the dense formula (prepared arguments)."""
     x_new = _pad(x_new, out_shape[0], x.dtype)  # only the cast: an (n_new·D)² result gains nothing from buckets
     offset, covariance = call_solver(resolve("dense", kernel, noise, x).predict_covariance, kernel, noise, x, r, x_new)
     return _finish_covariance(out_shape, mean_new, offset, covariance, noise_new)
@@ -152,9 +160,19 @@ def sample_posterior(
     r"""Draws from the posterior of the latent function at ``x_new`` (of new observations, with
     ``noise_new``).
 
-    ``f_* = E[f_*] + C^{1/2} ξ`` with ``ξ ~ N(0, I)`` from ``key`` and ``C^{1/2}`` the symmetric
-    square root of the full posterior covariance of :func:`predict` (eigenvalues below zero,
-    rounding, are clipped): exact for a positive semi-definite covariance, whatever its rank.
+    * The Markov solvers draw by pathwise conditioning in O(n + n_new) time and memory: a prior
+      draw ``s`` of the state-space model at the data and the new indices together, simulated
+      whitened observations ``õ = C s + e``, and ``s + E[s | o − õ]`` — exactly a posterior draw,
+      the posterior mean being linear in the observations (all draws share one filter and
+      smoother pass). The noise of new observations is drawn point by point, ``ε_i = B_i⁻¹ ξ_i``
+      (``Dense`` noise of new observations: from its dense covariance).
+    * The dense solver draws ``E[f_*] + C^{1/2} ξ`` with ``C^{1/2}`` the symmetric square root of the
+      full posterior covariance of :func:`predict` (eigenvalues below zero, rounding, are
+      clipped): exact for a positive semi-definite covariance, whatever its rank; O((nD)³ + (n_new D)³).
+
+    ``ξ`` is standard normal from ``key``. Draws are differentiable in the kernel's and the
+    noise's parameters and the data (a reparameterisation); in the indices only away from ties,
+    where the Markov solvers' process-noise factors behave like ``√h``.
 
     Args:
         key: a ``jax.random`` key.
@@ -184,10 +202,44 @@ def sample_posterior(
     """
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}")
-    mean_new, covariance = predict(
-        kernel, x, y, noise, x_new, mean, mean_new, solver=solver, full_covariance=True, noise_new=noise_new
-    )
-    return _draw(key, num_samples, mean_new, covariance)
+    kernel, noise, x, r, x_new, mean_new, out_shape = _prepare_new(kernel, x, y, noise, x_new, mean, mean_new)
+    n_new, dim = out_shape[0], r.shape[1]
+    if noise_new is not None:
+        noise_new = _check_noise_new(noise_new, n_new, dim, x.dtype)
+    chosen = resolve(solver, kernel, noise, x)
+    if not isinstance(chosen, MarkovSolver):
+        mean_new, covariance = _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new)
+        return _draw(key, num_samples, mean_new, covariance)
+    latent_key, noise_key = jax.random.split(key)
+    padded = _pad(x_new, _bucket(n_new), x.dtype)  # as in predict: one compiled program per bucket
+    draws = call_solver(chosen.sample, latent_key, kernel, noise, x, r, padded, num_samples)
+    return _finish_draws(out_shape, noise_key, mean_new, draws, noise_new)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _finish_draws(out_shape, key, mean_new, draws, noise_new):
+    n_new = out_shape[0]
+    draws = draws[:, :n_new]
+    num_samples, _, dim = draws.shape
+    if noise_new is not None:
+        draws = draws + _noise_draws(key, noise_new, num_samples, n_new, dim)
+    if mean_new is not None:
+        draws = draws + jnp.broadcast_to(mean_new, out_shape).reshape(n_new, dim).astype(draws.dtype)
+    return draws.reshape(num_samples, *out_shape)
+
+
+def _noise_draws(key, noise_new, num_samples, n_new, dim):
+    """Draws of the noise of new observations, ``(num_samples, n_new, D)``: ``ε_i = B_i⁻¹ ξ_i`` per
+    point (``Cov ε_i = (B_iᵀB_i)⁻¹``), or from the dense covariance of ``Dense`` noise."""
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(noise_new))
+    if isinstance(noise_new, BlockDiagonal):
+        blocks, q = noise_new.observation_blocks(n_new, dim)
+        standard = jax.random.normal(key, (num_samples, n_new, blocks.shape[-1], q), dtype)
+        return solve(blocks, standard).reshape(num_samples, n_new, dim)
+    eigenvalues, vectors = jnp.linalg.eigh(noise_new.covariance(n_new, dim))
+    root = vectors * jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
+    standard = jax.random.normal(key, (num_samples, n_new * dim), dtype)
+    return (standard @ root.T).reshape(num_samples, n_new, dim)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -57,8 +57,10 @@ def triangularize(x, pivots: int | None = None, unit_pivots: bool = False):
     the guards a zero row needs. The diagonal of the result may have either sign (it is
     ``−‖u‖`` with ``u₀ ≥ 0``); factors are defined up to such signs.
 
-    Up to :data:`UNROLL` pivots the reflections are written out (XLA fuses them with their
-    neighbours); beyond, they run as a ``fori_loop`` so that compilation stays short.
+    On a single matrix (a step of a ``lax.scan``) up to :data:`UNROLL` reflections are written
+    out, which XLA fuses with their neighbours; on a batch, or beyond that, they run as a
+    ``fori_loop``: the loop costs nothing next to batched work, and compilation stays short
+    (an associative scan inlines its combination at every level).
 
     Example:
         >>> import jax.numpy as jnp
@@ -77,11 +79,16 @@ def triangularize(x, pivots: int | None = None, unit_pivots: bool = False):
     floor = None
     if not unit_pivots:
         floor = (cols * jnp.finfo(x.dtype).eps) ** 2 * jnp.sum(x[..., :pivots, :] ** 2, axis=-1)
-    if pivots <= UNROLL:
+    if _unrolled(x, pivots):
         for i in range(pivots):
             x = _reflect(x, i, floor)
         return x
     return jax.lax.fori_loop(0, pivots, lambda i, x: _reflect(x, i, floor), x)
+
+
+def _unrolled(x, steps):
+    """Whether :func:`triangularize` and the substitutions write their ``steps`` out."""
+    return steps <= (UNROLL if x.ndim == 2 else 2)
 
 
 #: Matrices with up to this many rows or pivots are handled by written-out code.
@@ -159,7 +166,7 @@ def _substitute(low, b, transposed):
         return jnp.where((jnp.arange(r) == i)[:, None], value[..., None, :], x)
 
     x = jnp.zeros(jnp.broadcast_shapes(low.shape[:-2], b.shape[:-2]) + b.shape[-2:], b.dtype)
-    if r <= UNROLL:
+    if _unrolled(x, r):
         for i in order:
             x = row(i, x)
         return x
