@@ -132,4 +132,26 @@ def test_state_space_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     assert report["matern32_1d"]["checks"]["gradient_vs_autodiff"] < 1e-8
     check = report["parallel_check"]
     assert check["value_relative_difference"] < 1e-10 and check["gradient_relative_difference"] < 1e-8
+    (forms,) = report["forms"]
+    assert set(forms) == {"n", "float32", "float64"}
+    assert {r["kind"] for r in report["draws"]} == {"matern32_1d", "curve_3d"}
+    assert (tmp_path / "smoke.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_float32_benchmark_quick_mode_writes_json_and_plot(tmp_path):
+    import json
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "float32.py"), "--quick", "--out", str(tmp_path), "--label", "smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    rows = [r for family in report["span"].values() for r in family] + report["size"]
+    assert all(r["square_root"]["finite"] for r in rows)
+    assert all(r["square_root"]["meets_targets"] for r in report["span"]["helix n=40"])
+    assert report["estimate_summary"]["problems"] == 12
     assert (tmp_path / "smoke.png").stat().st_size > 10_000

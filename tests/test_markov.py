@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +24,10 @@ from problems import (
 
 import gpgrad_jax as gg
 from gpgrad_jax import kernels, noise
+from gpgrad_jax._likelihood import prepare
+from gpgrad_jax._markov import MarkovSolver, default_square_root
 from gpgrad_jax._solvers import resolve
-from gpgrad_jax._statespace import state_space
+from gpgrad_jax._statespace import Matern, Polynomial, state_space
 
 ALL_ARGS = (0, 1, 2, 3, 4)  # kernel, x, y, noise, mean
 MARKOV_SOLVERS = ("markov", "markov-parallel")
@@ -73,6 +77,123 @@ def test_parallel_solver_equals_the_dense_solver(kernel_name, noise_kind, dim, s
     """The associative scans share everything after the filter and smoother with ``"markov"``:
     a few structures suffice."""
     _check_against_dense("markov-parallel", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forced_form_against_dense(parallel, square_root, *args):
+    """Both forms in any precision: the solver object itself, on prepared arguments."""
+    solver = MarkovSolver(parallel, square_root)
+
+    def value(kernel, x, y, nz, mean):
+        return solver.log_marginal_likelihood(*prepare(kernel, x, y, nz, mean))
+
+    def explicit(kernel, x, y, nz, mean):
+        return solver.index_gradient(*prepare(kernel, x, y, nz, mean))
+
+    return (
+        jax.value_and_grad(value, argnums=ALL_ARGS)(*args),
+        explicit(*args),
+        _value_and_grads("dense", *args),
+    )
+
+
+@pytest.mark.parametrize("kernel_name, noise_kind", kernel_noise_pairs(MARKOV_KERNELS, MARKOV_NOISES, per_kernel=1))
+@given(seed=seeds, dim=data_dims)
+def test_square_root_form_equals_the_dense_solver(kernel_name, noise_kind, seed, dim, x64):
+    """The float32 solver, checked in float64 where the reference is exact: value and every
+    cotangent to 1e-9, unsorted indices with ties, rank-deficient and zero blocks."""
+    if not x64:
+        pytest.skip("the float32 pass runs the square-root form by default (test above)")
+    problem = make_markov_problem(kernel_name, noise_kind, seed, dim)
+    (value, grads), explicit, (ref_value, ref_grads) = _forced_form_against_dense(False, True, *problem.args())
+    assert_trees_close(value, ref_value, 1e-9, "square-root value")
+    for name, grad, ref in zip(("kernel", "x", "y", "noise", "mean"), grads, ref_grads):
+        assert_trees_close(grad, ref, 1e-9, f"square-root d/d{name}")
+    assert_trees_close(explicit, (ref_value, ref_grads[1]), 1e-9, "square-root index_gradient")
+
+
+@pytest.mark.slow  # the associative scans compile for 5–20 s per structure
+@pytest.mark.parametrize(
+    "kernel_name, noise_kind, dim",
+    [
+        ("scaled_sum", "per_point_rank_deficient", 3),
+        ("curve", "isotropic", 3),
+        ("matern52", "per_point", 1),
+        ("linear_constant", "per_point_rank_deficient", 3),
+    ],
+)
+@settings(max_examples=min(3, settings.default.max_examples))
+@given(seed=seeds)
+def test_parallel_square_root_form_equals_the_dense_solver(kernel_name, noise_kind, dim, seed, x64):
+    if not x64:
+        pytest.skip("float64 reference")
+    problem = make_markov_problem(kernel_name, noise_kind, seed, dim)
+    (value, grads), explicit, (ref_value, ref_grads) = _forced_form_against_dense(True, True, *problem.args())
+    assert_trees_close((value, grads), (ref_value, ref_grads), 1e-9, "parallel square root")
+    assert_trees_close(explicit, (ref_value, ref_grads[1]), 1e-9, "parallel square-root index_gradient")
+
+
+def test_the_form_follows_the_dtype():
+    """Square roots below float64 (measured: the covariance form is faster on CPUs and exact in
+    float64; in float32 it loses the gradient — tests/test_float32.py)."""
+    assert default_square_root(jnp.float32) and not default_square_root(jnp.float64)
+
+
+def _process_noise_reference(component, h):
+    """``Q(h) = ∫₀ʰ e^{Fτ} L q Lᵀ e^{Fᵀτ} dτ`` by quadrature in float64 (SciPy), entry by entry to
+    full relative accuracy — independent of the library's series."""
+    from scipy.integrate import quad
+    from scipy.linalg import expm
+
+    if isinstance(component, Polynomial):
+        c = float(component.cubic)
+        return c * np.array([[h**3 / 3, h**2 / 2], [h**2 / 2, h]])
+    size, lam = component.size, np.sqrt(component.order) / float(component.lengthscale)
+    drift = np.diag(np.ones(size - 1), 1)
+    drift[-1] = [-math.comb(size, j) * lam ** (size - j) for j in range(size)]
+    spectral = {3: 4 * lam**3, 5: 16 / 3 * lam**5}[component.order] * float(component.variance)
+    column = lambda t: expm(drift * t)[:, -1]  # noqa: E731
+
+    def entry(a, b):
+        with warnings.catch_warnings():  # quad may doubt it reached 2e-14; it is checked at 1e-13
+            warnings.simplefilter("ignore")
+            return quad(lambda t: column(t)[a] * column(t)[b], 0.0, h, epsabs=0.0, epsrel=2e-14, limit=200)[0]
+
+    return spectral * np.array([[entry(a, b) for b in range(size)] for a in range(size)])
+
+
+@pytest.mark.float32
+@pytest.mark.parametrize(
+    "component",
+    [
+        pytest.param(Polynomial(1.3, 0.4, 0.7), marks=pytest.mark.slow),
+        pytest.param(Matern(2.0, 0.7, 3), marks=pytest.mark.slow),
+        Matern(0.5, 1.3, 5),  # the hardest: first entry O((λh)⁵)
+    ],
+    ids=["polynomial", "matern32", "matern52"],
+)
+def test_process_noise_factors_are_accurate_in_every_entry(component, x64):
+    """``L Lᵀ = Q(h)`` to a few units of rounding in every entry, scaled by ``√(Q_aa Q_bb)`` —
+    for Matérn blocks down to ``λh = 1e-5``, where ``P∞ − A P∞ Aᵀ`` (the covariance form's
+    ``Q``) has no correct digit left in float32 (5/2: first entry ``O((λh)⁵)``)."""
+    dtype = jnp.zeros(()).dtype
+    component = jax.tree_util.tree_map(lambda v: jnp.asarray(v, dtype), component)
+    steps = np.array([1e-5, 3e-3, 0.1, 0.5, 1.1, 2.0, 9.0])
+    factors = np.asarray(component.process_noise_factor(jnp.asarray(steps, dtype)), np.float64)
+    tol = 1e-13 if x64 else 1e-5  # float32: ~80 units of rounding, at λh just above the series' range
+    for h, factor in zip(np.asarray(jnp.asarray(steps, dtype), np.float64), factors):
+        reference = _process_noise_reference(component, h)
+        scale = np.sqrt(np.outer(np.diag(reference), np.diag(reference)))
+        np.testing.assert_array_less(np.abs(factor @ factor.T - reference) / scale, tol, err_msg=f"h = {h}")
+    zero = np.asarray(component.process_noise_factor(jnp.zeros(1, dtype)))
+    assert np.all(zero == 0.0), "a tie has no process noise"
+    first = np.asarray(component.initial_factor(jnp.asarray([0.3], dtype)), np.float64)[0]
+    np.testing.assert_allclose(
+        first @ first.T,
+        np.asarray(component.initial(jnp.asarray(0.3, dtype)), np.float64),
+        rtol=10 * tol,
+        atol=10 * tol,
+    )
 
 
 def _central_difference(f, x, eps=1e-6):
@@ -155,7 +276,9 @@ def test_vmap_and_jit(x64):
     xs = jnp.stack([p.x for p in problems])
     ys = jnp.stack([p.y for p in problems])
     f = functools.partial(gg.log_marginal_likelihood, solver="markov")
-    batched = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=1), in_axes=(None, 0, 0, None, None)))(kernel, xs, ys, nz, mean)
+    batched = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=1), in_axes=(None, 0, 0, None, None)))(
+        kernel, xs, ys, nz, mean
+    )
     for i in range(3):
         want = jax.value_and_grad(gg.log_marginal_likelihood, argnums=1)(kernel, xs[i], ys[i], nz, mean, solver="dense")
         assert_trees_close((batched[0][i], batched[1][i]), want, 1e-9 if x64 else 2e-3, f"batch {i}")
@@ -181,6 +304,7 @@ def test_markov_forms_no_n_by_n_array():
     assert not any(s.count(n) >= 2 for s in shapes), sorted(s for s in shapes if s.count(n) >= 2)
 
 
+@pytest.mark.slow  # tests/test_float32.py checks the targets on harder problems in the fast profile
 @pytest.mark.float32
 def test_float32_long_curve_is_close_to_float64(x64):
     """The benchmark's camera-ray curve at n = 10⁴: float32 value and gradient within 1e-3 of float64."""
@@ -211,9 +335,24 @@ def test_float32_long_curve_is_close_to_float64(x64):
 @pytest.mark.parametrize(
     "kernel, nz, x, fragment",
     [
-        (kernels.ExpSquared(1.0, 1.0), noise.Isotropic(0.3), jnp.linspace(0, 1, 5), "ExpSquared has no state-space form"),
-        (kernels.Matern32(1.0, 1.0) * kernels.Matern52(1.0, 1.0), noise.Isotropic(0.3), jnp.linspace(0, 1, 5), "Product(Matern32, Matern52)"),
-        (kernels.Matern32(1.0, 1.0), noise.Dense(jnp.eye(5)), jnp.linspace(0, 1, 5), "noise.Dense is not block diagonal"),
+        (
+            kernels.ExpSquared(1.0, 1.0),
+            noise.Isotropic(0.3),
+            jnp.linspace(0, 1, 5),
+            "ExpSquared has no state-space form",
+        ),
+        (
+            kernels.Matern32(1.0, 1.0) * kernels.Matern52(1.0, 1.0),
+            noise.Isotropic(0.3),
+            jnp.linspace(0, 1, 5),
+            "Product(Matern32, Matern52)",
+        ),
+        (
+            kernels.Matern32(1.0, 1.0),
+            noise.Dense(jnp.eye(5)),
+            jnp.linspace(0, 1, 5),
+            "noise.Dense is not block diagonal",
+        ),
         (kernels.Matern32(1.0, 1.0), noise.Isotropic(0.3), jnp.ones((5, 2)), "scalar indices"),
     ],
 )
@@ -230,8 +369,12 @@ def test_markov_solver_refuses_what_it_cannot_do(kernel, nz, x, fragment, solver
 
 
 def test_unknown_solver_name():
-    with pytest.raises(ValueError, match="`solver` must be one of 'auto', 'dense', 'markov', 'markov-parallel'; got 'kalman'"):
-        gg.log_marginal_likelihood(kernels.Matern32(1.0, 1.0), jnp.ones(3), jnp.ones(3), noise.Isotropic(1.0), solver="kalman")
+    with pytest.raises(
+        ValueError, match="`solver` must be one of 'auto', 'dense', 'markov', 'markov-parallel'; got 'kalman'"
+    ):
+        gg.log_marginal_likelihood(
+            kernels.Matern32(1.0, 1.0), jnp.ones(3), jnp.ones(3), noise.Isotropic(1.0), solver="kalman"
+        )
 
 
 def test_auto_picks_markov_for_long_curves_and_dense_for_short_ones():

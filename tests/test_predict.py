@@ -5,7 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from problems import NOISES, assert_trees_close, data_dims, index_dims, kernel_noise_pairs, make_problem, seeds
+from problems import (
+    NOISES,
+    assert_trees_close,
+    data_dims,
+    index_dims,
+    jaxpr_shapes,
+    kernel_noise_pairs,
+    make_markov_problem,
+    make_problem,
+    seeds,
+)
 
 import gpgrad_jax as gg
 from gpgrad_jax import kernels, noise
@@ -81,13 +91,21 @@ def test_full_covariance_and_noise_inclusive_variance(solver, noise_kind, rtol):
     np.testing.assert_allclose(cov.reshape(n_new * dim, -1), want_cov, rtol=100 * rtol, atol=100 * rtol)
     mu_marginal, var = gg.predict(kernel, x, y, nz, x_new, mean=mean, solver=solver)
     np.testing.assert_allclose(mu, mu_marginal, rtol=100 * rtol, atol=100 * rtol)
-    np.testing.assert_allclose(jnp.diagonal(cov.reshape(n_new * dim, -1)).reshape(n_new, dim), var, rtol=100 * rtol, atol=100 * rtol)
+    np.testing.assert_allclose(
+        jnp.diagonal(cov.reshape(n_new * dim, -1)).reshape(n_new, dim), var, rtol=100 * rtol, atol=100 * rtol
+    )
 
     new_noise = noise.PerPoint.from_covariance(jnp.stack([jnp.diag(jnp.array([0.1, 0.2, 0.3], x.dtype))] * n_new))
     _, noisy_var = gg.predict(kernel, x, y, nz, x_new, mean=mean, solver=solver, noise_new=new_noise)
-    np.testing.assert_allclose(noisy_var - var, jnp.broadcast_to(jnp.array([0.1, 0.2, 0.3]), (n_new, dim)), rtol=100 * rtol, atol=100 * rtol)
-    _, noisy_cov = gg.predict(kernel, x, y, nz, x_new, mean=mean, solver=solver, full_covariance=True, noise_new=noise.Isotropic(0.5))
-    np.testing.assert_allclose((noisy_cov - cov).reshape(n_new * dim, -1), 0.25 * np.eye(n_new * dim), rtol=100 * rtol, atol=100 * rtol)
+    np.testing.assert_allclose(
+        noisy_var - var, jnp.broadcast_to(jnp.array([0.1, 0.2, 0.3]), (n_new, dim)), rtol=100 * rtol, atol=100 * rtol
+    )
+    _, noisy_cov = gg.predict(
+        kernel, x, y, nz, x_new, mean=mean, solver=solver, full_covariance=True, noise_new=noise.Isotropic(0.5)
+    )
+    np.testing.assert_allclose(
+        (noisy_cov - cov).reshape(n_new * dim, -1), 0.25 * np.eye(n_new * dim), rtol=100 * rtol, atol=100 * rtol
+    )
 
 
 def test_one_dimensional_full_covariance_is_square_and_noise_new_must_be_invertible():
@@ -104,23 +122,68 @@ def test_one_dimensional_full_covariance_is_square_and_noise_new_must_be_inverti
         gg.predict(kernel, x, jnp.sin(x), nz, jnp.array([0.5, 1.5]), noise_new=noise.Isotropic(-1.0))
 
 
-@pytest.mark.parametrize("solver", ["dense", "markov"])
-def test_posterior_samples_have_the_predicted_moments(solver, x64):
-    """4000 draws: sample mean and covariance within Monte Carlo error of ``predict``'s."""
-    problem = make_problem("curve", "per_point_rank_deficient", 6, 3, None)
+@pytest.mark.parametrize("solver", ["dense", "markov", pytest.param("markov-parallel", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("noise_new_kind", ["isotropic", "per_point"])
+def test_posterior_samples_have_the_predicted_moments(solver, noise_new_kind, x64):
+    """4000 draws: sample mean and covariance within Monte Carlo error of ``predict``'s — of the
+    latent function and of new observations, with unsorted indices, a tie, rank-2 blocks and a
+    new index on a data point."""
+    problem = make_markov_problem("curve", "per_point_rank_deficient", 6, 3)
     kernel, x, y, nz, mean = problem.args()
     x_new = jnp.concatenate([x[:2], x[:2] + 0.5])
-    draws = gg.sample_posterior(jax.random.key(1), kernel, x, y, nz, x_new, 4000, mean=mean, solver=solver, noise_new=noise.Isotropic(0.3))
-    assert draws.shape == (4000, 4, 3)
-    mu, cov = gg.predict(kernel, x, y, nz, x_new, mean=mean, full_covariance=True, noise_new=noise.Isotropic(0.3))
-    flat = np.asarray(draws, np.float64).reshape(4000, -1)
-    scale = np.sqrt(np.diagonal(np.asarray(cov).reshape(12, 12)))
-    np.testing.assert_allclose(flat.mean(0), np.asarray(mu).reshape(-1), atol=5 * scale.max() / np.sqrt(4000))
-    np.testing.assert_allclose(np.cov(flat.T), np.asarray(cov).reshape(12, 12), atol=0.1 * scale.max() ** 2)
-    again = gg.sample_posterior(jax.random.key(1), kernel, x, y, nz, x_new, 4000, mean=mean, solver=solver, noise_new=noise.Isotropic(0.3))
+    blocks = jnp.asarray(np.linalg.cholesky(np.linalg.inv(np.eye(3) + 0.5 * np.ones((3, 3)))).T / 0.4, x.dtype)
+    noise_new = (
+        noise.Isotropic(0.3) if noise_new_kind == "isotropic" else noise.PerPoint(jnp.broadcast_to(blocks, (4, 3, 3)))
+    )
+    for new in (None, noise_new):
+        draws = gg.sample_posterior(
+            jax.random.key(1), kernel, x, y, nz, x_new, 4000, mean=mean, mean_new=0.2, solver=solver, noise_new=new
+        )
+        assert draws.shape == (4000, 4, 3)
+        mu, cov = gg.predict(kernel, x, y, nz, x_new, mean=mean, mean_new=0.2, full_covariance=True, noise_new=new)
+        flat = np.asarray(draws, np.float64).reshape(4000, -1)
+        cov = np.asarray(cov, np.float64).reshape(12, 12)
+        scale = np.sqrt(np.diagonal(cov))
+        np.testing.assert_allclose(flat.mean(0), np.asarray(mu).reshape(-1), atol=5 * scale.max() / np.sqrt(4000))
+        # Entrywise standard error of a sample covariance: sqrt((C_ij² + C_ii C_jj) / S).
+        error = np.sqrt((cov**2 + np.outer(scale**2, scale**2)) / 4000)
+        assert np.all(np.abs(np.cov(flat.T) - cov) <= 5 * error + 1e-6 * scale.max() ** 2), (
+            np.abs(np.cov(flat.T) - cov) / error
+        )
+    again = gg.sample_posterior(
+        jax.random.key(1), kernel, x, y, nz, x_new, 4000, mean=mean, mean_new=0.2, solver=solver, noise_new=new
+    )
     np.testing.assert_array_equal(draws, again)
     with pytest.raises(ValueError, match="`num_samples` must be a positive integer, got 0"):
         gg.sample_posterior(jax.random.key(1), kernel, x, y, nz, x_new, 0)
+
+
+@pytest.mark.slow  # the associative scans compile slowly on CPU
+def test_parallel_draws_equal_sequential_draws(rtol):
+    """The same key gives the same prior draw by an associative scan as by a sequential one."""
+    kernel, x, y, nz, mean = make_markov_problem("scaled_sum", "isotropic", 3, 3).args()
+    x_new = jnp.linspace(0.0, 3.0, 9, dtype=x.dtype)
+    draws = [
+        gg.sample_posterior(jax.random.key(7), kernel, x, y, nz, x_new, 5, mean=mean, solver=s)
+        for s in ("markov", "markov-parallel")
+    ]
+    assert_trees_close(draws[1], draws[0], 10 * rtol, "parallel draws")
+
+
+def test_markov_draws_never_build_a_dense_covariance():
+    """O(n + n_new) memory: no array of the sampling program has two axes of n_new (or n) points."""
+    n, n_new = 37, 41
+    kernel, x, y, nz, mean = make_markov_problem("curve", "per_point_rank_deficient", 1, 3, n=n).args()
+    x_new = jnp.linspace(0.0, 3.0, n_new, dtype=x.dtype)
+    shapes = jaxpr_shapes(
+        lambda k, x_new: gg.sample_posterior(k, kernel, x, y, nz, x_new, 3, mean=mean, solver="markov"),
+        jax.random.key(0),
+        x_new,
+    )
+    points = {n, n_new, 64, n + 64}  # x_new is padded to 64 points; the filter runs over all n + 64
+    assert any(len(points.intersection(s)) for s in shapes)
+    dense = [s for s in shapes if sum(d in points for d in s) >= 2]
+    assert not dense, dense
 
 
 def test_predict_and_samples_under_jit(rtol):
@@ -128,6 +191,11 @@ def test_predict_and_samples_under_jit(rtol):
     kernel, x, y, nz, mean = problem.args()
     x_new = x[:3] + 0.1
     jitted = jax.jit(gg.predict, static_argnames=("solver", "full_covariance"))
-    assert_trees_close(jitted(kernel, x, y, nz, x_new, mean, full_covariance=True), gg.predict(kernel, x, y, nz, x_new, mean, full_covariance=True), rtol, "jit")
+    assert_trees_close(
+        jitted(kernel, x, y, nz, x_new, mean, full_covariance=True),
+        gg.predict(kernel, x, y, nz, x_new, mean, full_covariance=True),
+        rtol,
+        "jit",
+    )
     sample = jax.jit(gg.sample_posterior, static_argnums=6)
     assert sample(jax.random.key(0), kernel, x, y, nz, x_new, 2, mean).shape == (2, 3, 3)

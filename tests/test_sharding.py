@@ -32,8 +32,9 @@ enough_devices = pytest.mark.skipif(
 @pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() >= DEVICES, reason="this process has the devices itself")
 def test_on_forced_host_devices():
-    # The device count first (XLA stops at a word without "--"); Eigen's shared thread pool off:
-    # with it, repeated batched triangular solves across forced host devices deadlocked (jaxlib 0.10.2).
+    # The device count first (XLA stops at a word without "--"). The dense solver's batched LAPACK
+    # calls can deadlock across forced host devices whatever the flags (jaxlib 0.10.2): the tests
+    # run it once per program, and test_dense_solver_across_devices_maps_within_each the remedy.
     flags = f"--xla_force_host_platform_device_count={DEVICES} --xla_cpu_multi_thread_eigen=false "
     flags += os.environ.get("XLA_FLAGS", "")
     result = subprocess.run(
@@ -169,3 +170,28 @@ def test_explicit_mesh_axes(x64):
     if bare is not None:
         _assert_same(bare, single, rtol=_rtol(x64))
 
+
+@enough_devices
+def test_dense_solver_across_devices_maps_within_each(x64):
+    """The dense solver on forced host devices: under ``vmap`` its batched LAPACK solves can
+    deadlock across devices (jaxlib 0.10.2: one thread per device, each waiting in a batched
+    triangular solve for work queued behind the others — with or without Eigen's thread pool).
+    The remedy the README gives — ``shard_map`` over the batch, ``lax.map`` within each device's
+    part, so that every LAPACK call is unbatched — runs repeatedly, communicates nothing and
+    gives the single-device results."""
+    kernel, x, y, nz, mean = _batch("per_point_rank_deficient")
+    mesh = _mesh()
+
+    def one(x, y, nz, mean):  # in x only: the shared kernel's cotangent would be summed over devices
+        return jax.value_and_grad(gg.log_marginal_likelihood, argnums=1)(kernel, x, y, nz, mean, solver="dense")
+
+    mapped = jax.jit(
+        jax.shard_map(
+            lambda *batch: jax.lax.map(lambda a: one(*a), batch), mesh=mesh, in_specs=P("batch"), out_specs=P("batch")
+        )
+    )
+    batched = jax.device_put((x, y, nz, mean), NamedSharding(mesh, P("batch")))
+    assert _collectives(mapped.lower(*batched).compile()) == {}
+    for _ in range(50):  # the deadlock needed a few dozen repetitions to show
+        result = jax.block_until_ready(mapped(*batched))
+    _assert_same(result, jax.vmap(one)(x, y, nz, mean), rtol=_rtol(x64))
