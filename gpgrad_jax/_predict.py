@@ -58,6 +58,8 @@ def predict(
             like ``y``, or a scalar; ``None`` means zero.
         solver: as in :func:`gpgrad_jax.log_marginal_likelihood`.
         full_covariance: return the full posterior covariance instead of the marginal variances.
+            It is built densely whatever the solver — O((nD)³) time, O((nD)²) memory; the
+            Markov solvers' marginals and :func:`sample_posterior`'s draws are O(n + n_new).
         noise_new: the noise of *new observations* at ``x_new`` (e.g. ``noise`` itself for
             ``Isotropic`` noise): the variance or covariance is then that of ``y_* = f_* + ε``,
             adding ``Λ_new⁻¹``. Its precision must be invertible.
