@@ -8,8 +8,9 @@ Writes ``<out>/<label>.json`` and ``<out>/<label>.png`` (log-log time against n)
 
 Series, all timed in this one process so their ratios are comparable:
 
-* ``value``     — ``jit(log_marginal_likelihood)``: build ``U``, one Cholesky, one solve;
-* ``closed``    — ``jit(value_and_grad(log_marginal_likelihood, argnums=x))``, the custom VJP;
+* ``value``     — ``jit(precision_form_log_likelihood)``: build ``U``, one Cholesky, one solve
+  (what the solvers compute; ``log_marginal_likelihood`` adds a noise-only term);
+* ``closed``    — ``jit(value_and_grad(precision_form_log_likelihood, argnums=x))``, the custom VJP;
 * ``autodiff``  — ``jit(value_and_grad(...))`` of the *same* forward code with JAX's own
   reverse mode (no custom rule): the baseline the closed form must beat;
 * peers for the squared-exponential kernel with isotropic noise: ``tinygp`` (autodiff of
@@ -84,7 +85,7 @@ def plain_autodiff_value(kernel, x, y, nz, solver="dense"):
 
 
 def dense_value(kernel, x, y, nz):
-    return gg.log_marginal_likelihood(kernel, x, y, nz, solver="dense")
+    return gg.precision_form_log_likelihood(kernel, x, y, nz, solver="dense")
 
 
 def curve_problem(n, dim, seed=0):

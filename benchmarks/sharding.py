@@ -82,7 +82,7 @@ def bench(devices, per_device, n, solver, repeats):
     sharding = NamedSharding(Mesh(np.array(jax.devices()[:devices]), ("batch",)), P("batch"))
     args = (kernel, *jax.device_put((x, y, nz), sharding))
     functions = {
-        "closed": _vmapped(lambda k, x, y, nz: gg.log_marginal_likelihood(k, x, y, nz, solver=solver)),
+        "closed": _vmapped(lambda k, x, y, nz: gg.precision_form_log_likelihood(k, x, y, nz, solver=solver)),
         "autodiff": _vmapped(lambda k, x, y, nz: plain_autodiff_value(k, x, y, nz, solver)),
     }
     runners, outputs, collectives = {}, {}, {}

@@ -15,7 +15,13 @@ process as in ``benchmarks/run.py`` (whose helpers this script uses):
 * ``matern32_1d``: Matérn 3/2, isotropic noise, n = 10⁵ — ours against tinygp's quasiseparable
   solver (``tinygp_value``, and ``tinygp_autodiff`` = its ``value_and_grad`` in ``x``).
 * ``parallel_check``: ``"markov-parallel"`` against ``"markov"`` at n = 500 (correctness on CPU;
-  compiling the associative scans is slow on XLA:CPU, 10–20 s).
+  compiling the associative scans is slow on XLA:CPU, 10–25 s).
+* ``forms``: the square-root form against the covariance form, value and ``value_and_grad`` in
+  ``x``, float32 and float64, on the curve above at n = 10³ … 10⁶ (each form forced through
+  ``MarkovSolver(parallel, square_root)``; by default float32 runs the square-root form,
+  float64 the covariance form).
+* ``draws``: ``sample_posterior`` (4 draws, n_new = n new indices, ``solver="markov"``) for
+  Matérn 3/2 in 1-D and the 3-D curve, n = 10³ … 10⁶, and the dense solver's draws where they fit.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +55,8 @@ import numpy as np  # noqa: E402
 
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
+from gpgrad_jax._likelihood import prepare  # noqa: E402
+from gpgrad_jax._markov import MarkovSolver  # noqa: E402
 
 
 def _solver(fn, solver):
@@ -80,14 +89,14 @@ def _row(functions, args, repeats, extra=None):
 def bench_curve(n, repeats):
     args = curve_problem(n, 3)
     functions = {
-        "value": _solver(gg.log_marginal_likelihood, "markov"),
-        "closed": _value_and_grad_x(_solver(gg.log_marginal_likelihood, "markov")),
+        "value": _solver(gg.precision_form_log_likelihood, "markov"),
+        "closed": _value_and_grad_x(_solver(gg.precision_form_log_likelihood, "markov")),
         "autodiff": _value_and_grad_x(_solver(plain_autodiff_value, "markov")),
     }
     if jax.default_backend() != "cpu":
-        functions["parallel"] = _value_and_grad_x(_solver(gg.log_marginal_likelihood, "markov-parallel"))
+        functions["parallel"] = _value_and_grad_x(_solver(gg.precision_form_log_likelihood, "markov-parallel"))
     if n <= 2000:
-        functions["dense_closed"] = _value_and_grad_x(_solver(gg.log_marginal_likelihood, "dense"))
+        functions["dense_closed"] = _value_and_grad_x(_solver(gg.precision_form_log_likelihood, "dense"))
     rows, outputs = _row(functions, args, repeats)
     agreement = {name: _relative(outputs[name][1], outputs["autodiff"][1]) for name in functions if name != "value"}
     return rows, agreement
@@ -100,8 +109,8 @@ def bench_matern(n, repeats, peers):
     sigma = 0.3
     args = (kernels.Matern32(1.0, 1.0), x, y, noise.Isotropic(sigma))
     functions = {
-        "value": _solver(gg.log_marginal_likelihood, "markov"),
-        "closed": _value_and_grad_x(_solver(gg.log_marginal_likelihood, "markov")),
+        "value": _solver(gg.precision_form_log_likelihood, "markov"),
+        "closed": _value_and_grad_x(_solver(gg.precision_form_log_likelihood, "markov")),
         "autodiff": _value_and_grad_x(_solver(plain_autodiff_value, "markov")),
     }
     checks = {}
@@ -128,7 +137,7 @@ def parallel_check(n):
     args = curve_problem(n, 3)
     result = {}
     for solver in ("markov", "markov-parallel"):
-        fn = jax.jit(_value_and_grad_x(_solver(gg.log_marginal_likelihood, solver)))
+        fn = jax.jit(_value_and_grad_x(_solver(gg.precision_form_log_likelihood, solver)))
         value, grad = jax.block_until_ready(fn(*args))
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
@@ -141,6 +150,73 @@ def parallel_check(n):
         "markov_s": t,
         "parallel_s": tp,
     }
+
+
+def _forced_form(square_root):
+    solver = MarkovSolver(False, square_root)
+
+    def value(kernel, x, y, nz):
+        return solver.log_marginal_likelihood(*prepare(kernel, x, y, nz, None))
+
+    return value
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)
+
+
+def bench_forms(n, repeats):
+    """Square-root against covariance form, value and value_and_grad, both precisions."""
+    problem = curve_problem(n, 3)
+    entry = {"n": n}
+    for dtype in ("float32", "float64"):
+        args = _cast(problem, jnp.dtype(dtype))
+        functions = {}
+        for form, square_root in (("square_root", True), ("covariance", False)):
+            value = _forced_form(square_root)
+            functions[f"{form}_value"] = value
+            functions[f"{form}_closed"] = _value_and_grad_x(value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gg.ConditioningWarning)
+            rows, _ = _row(functions, args, repeats)
+        ratios = {
+            "value": rows["square_root_value"]["median_s"] / rows["covariance_value"]["median_s"],
+            "closed": rows["square_root_closed"]["median_s"] / rows["covariance_closed"]["median_s"],
+        }
+        entry[dtype] = {"series": rows, "square_root_over_covariance": ratios}
+        print(
+            f"forms n={n:8d} {dtype}: square root value {rows['square_root_value']['median_s'] * 1e3:9.2f} ms"
+            f" vg {rows['square_root_closed']['median_s'] * 1e3:9.2f} ms | covariance value"
+            f" {rows['covariance_value']['median_s'] * 1e3:9.2f} ms vg {rows['covariance_closed']['median_s'] * 1e3:9.2f} ms"
+            f" | ratios {ratios['value']:.2f}x {ratios['closed']:.2f}x",
+            flush=True,
+        )
+    return entry
+
+
+def _draw_problem(kind, n):
+    rng = np.random.default_rng(1)
+    if kind == "curve_3d":
+        kernel, x, y, nz = curve_problem(n, 3)
+        x_new = jnp.linspace(0.0, 10.0, n)
+    else:
+        x = jnp.asarray(np.sort(rng.uniform(0.0, n / 10.0, n)))
+        y = jnp.asarray(np.sin(np.asarray(x)) + 0.1 * rng.normal(size=n))
+        kernel, nz = kernels.Matern32(1.0, 1.0), noise.Isotropic(0.3)
+        x_new = jnp.linspace(0.0, n / 10.0, n)
+    return kernel, x, y, nz, x_new
+
+
+def bench_draws(kind, n, repeats, solver="markov"):
+    kernel, x, y, nz, x_new = _draw_problem(kind, n)
+
+    def draws(key, kernel, x, y, nz, x_new):
+        return gg.sample_posterior(key, kernel, x, y, nz, x_new, 4, solver=solver)
+
+    rows, _ = _row({"draws": draws}, (jax.random.key(0), kernel, x, y, nz, x_new), repeats)
+    row = dict(kind=kind, n=n, solver=solver, **rows["draws"])
+    print(f"draws {kind:9s} {solver:6s} n = n_new = {n:8d}: {row['median_s'] * 1e3:9.2f} ms", flush=True)
+    return row
 
 
 def run(args):
@@ -197,6 +273,18 @@ def run(args):
         )
         targets["value_within_2x_of_tinygp_value"] = rows["value"]["median_s"] <= 2.0 * rows["tinygp_value"]["median_s"]
 
+    report["forms"] = [bench_forms(n, 3 if n >= 100_000 else 5) for n in ([1000] if args.quick else [1000, 10_000, 100_000, 1_000_000])]
+    report["draws"] = []
+    for kind in ("matern32_1d", "curve_3d"):
+        for n in [1000] if args.quick else [1000, 10_000, 100_000, 1_000_000]:
+            report["draws"].append(bench_draws(kind, n, 3))
+        for n in [] if args.quick else [1000, 2000]:
+            report["draws"].append(bench_draws(kind, n, 3, solver="dense"))
+    markov_draws = {(r["kind"], r["n"]): r["median_s"] for r in report["draws"] if r["solver"] == "markov"}
+    if ("curve_3d", 100_000) in markov_draws and ("curve_3d", 1_000_000) in markov_draws:
+        report["growth_draws_1e5_to_1e6"] = markov_draws[("curve_3d", 1_000_000)] / markov_draws[("curve_3d", 100_000)]
+        targets["draws_linear_growth_at_most_12x"] = report["growth_draws_1e5_to_1e6"] <= 12.0
+
     report["targets"] = targets
     print(f"targets {json.dumps(targets)}", flush=True)
 
@@ -219,7 +307,8 @@ def plot(report, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.2), gridspec_kw={"width_ratios": [3, 2]})
+    (left, right), (forms_ax, draws_ax) = axes
     entries = report["curve_3d"]
     for series in ("value", "closed", "autodiff", "parallel", "dense_closed"):
         points = [(e["n"], e["series"][series]["median_s"]) for e in entries if series in e["series"]]
@@ -244,8 +333,31 @@ def plot(report, path):
     right.set_title(f"Matérn 3/2, 1-D, isotropic, n = {matern['n']:,}", fontsize=10)
     for bar, t in zip(bars, times):
         right.text(bar.get_x() + bar.get_width() / 2, t, f"{t:.1f}", ha="center", va="bottom", fontsize=8)
+    forms = report.get("forms") or []
+    for (dtype, form), style in zip(
+        [(d, f) for d in ("float32", "float64") for f in ("square_root", "covariance")], ("o-", "x--", "s-", "+--")
+    ):
+        points = [(e["n"], e[dtype]["series"][f"{form}_closed"]["median_s"]) for e in forms]
+        if points:
+            ns_, ts = zip(*points)
+            forms_ax.loglog(ns_, ts, style, label=f"{dtype} {form.replace('_', ' ')}: value_and_grad")
+    forms_ax.set_title("square-root against covariance form (3-D curve, 'markov')", fontsize=10)
+    forms_ax.set_xlabel("n (points)")
+    forms_ax.set_ylabel("median time [s]")
+    forms_ax.grid(True, which="both", alpha=0.3)
+    forms_ax.legend(fontsize=8)
+    draws = report.get("draws") or []
+    for kind, solver in sorted({(r["kind"], r["solver"]) for r in draws}):
+        points = [(r["n"], r["median_s"]) for r in draws if r["kind"] == kind and r["solver"] == solver]
+        ns_, ts = zip(*points)
+        draws_ax.loglog(ns_, ts, "o-" if solver == "markov" else "x--", label=f"{kind}, {solver}")
+    draws_ax.set_title("sample_posterior: 4 draws at n_new = n new indices", fontsize=10)
+    draws_ax.set_xlabel("n (= n_new)")
+    draws_ax.set_ylabel("median time [s]")
+    draws_ax.grid(True, which="both", alpha=0.3)
+    draws_ax.legend(fontsize=8)
     machine = report["machine"]
-    fig.suptitle(f"gpgrad_jax state-space solver — {machine['device']} ({machine['backend']}), {machine['cpu']}, float64", fontsize=10)
+    fig.suptitle(f"gpgrad_jax state-space solver — {machine['device']} ({machine['backend']}), {machine['cpu']}, float64 (lower left: both precisions)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

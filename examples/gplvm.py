@@ -77,9 +77,8 @@ class Params(NamedTuple):
 def negative_lml(params: Params, y):
     kernel = kernels.ExpSquared(jnp.exp(params.log_variance), jnp.exp(params.log_lengthscale))
     nz = noise.Isotropic(jnp.exp(params.log_sigma))
-    # The noise is learned: log_probability (the Gaussian log-likelihood), not L, which omits a
-    # term that depends on the noise.
-    log_likelihood = gg.log_probability(kernel, params.latent, y, nz)
+    # The noise is learned too: log_marginal_likelihood is the Gaussian log density, safe for it.
+    log_likelihood = gg.log_marginal_likelihood(kernel, params.latent, y, nz)
     # A weak N(0, I) prior on the latent positions fixes their scale, as in the usual GPLVM.
     return -log_likelihood + 0.5 * jnp.sum(params.latent**2)
 

@@ -4,7 +4,7 @@ Same model as ``gpgrad_jax._kalman`` (the covariance form): over the sorted indi
 ``s_k = A_k s_{k−1} + L_k ξ_k`` with ``L_k L_kᵀ = Q_k`` (``A_0 = 0``, ``L_0`` the first state's
 prior factor) and whitened observations ``o_k = B_k r_k = C_k s_k + e_k``, ``C_k = B_k H``,
 ``e_k ~ N(0, I)``. Every covariance is a factor ``P = S Sᵀ`` and every update one orthogonal
-triangularisation (``tria``, :func:`~gpgrad_jax._smallmatrix.triangularize`) of a pre-array:
+triangularisation (``tria``, ``gpgrad_jax._smallmatrix.triangularize``) of a pre-array:
 
 * **filter** — ``S⁻ = tria([A S, L])``, then
   ``[[I, C S⁻], [0, S⁻], [I, 0]] Θ = [[R, 0], [K̄, S⁺], [R⁻ᵀ, −C S⁺]]``: ``R Rᵀ = U``, the gain
@@ -55,7 +55,7 @@ class Filtered(NamedTuple):
 
 
 def _unit_pre_array(top, carried):
-    """``[[I, top], carried]`` for :func:`triangularize` with unit pivots; ``carried`` rows are
+    """``[[I, top], carried]`` for ``triangularize`` with unit pivots; ``carried`` rows are
     ``(left, right)`` blocks of widths ``r`` and ``top``'s."""
     r = top.shape[-2]
     eye = jnp.broadcast_to(jnp.eye(r, dtype=top.dtype), (*top.shape[:-2], r, r))
@@ -65,7 +65,7 @@ def _unit_pre_array(top, carried):
 
 
 def _update(pred_mean, pred_factor, blocks, obs, layout):
-    """The observation update of one point (batched): the fields of :class:`Filtered`."""
+    """The observation update of one point (batched): the fields of ``Filtered``."""
     p, q = obs.shape[-2:]
     big = pred_factor.shape[-1]
     dtype = obs.dtype
@@ -220,7 +220,7 @@ def _combine(first, second):
 
 def filter_parallel(model, layout) -> Filtered:
     """The filtered moments by a prefix associative scan, then each point's update recomputed
-    (vectorised) from its predecessor for the quantities of :class:`Filtered`."""
+    (vectorised) from its predecessor for the quantities of ``Filtered``."""
     elements = jax.lax.optimization_barrier(_elements(model, layout))  # see gpgrad_jax._kalman
     _, filt_mean, filt_factor, _, _ = jax.lax.associative_scan(_combine, elements)
     pred_mean, pred_factor = _predict(model.transition, model.noise_factor, shift_forward(filt_mean), shift_forward(filt_factor))
@@ -228,7 +228,7 @@ def filter_parallel(model, layout) -> Filtered:
 
 
 def information_parallel(model, layout, want_including: bool):
-    """:func:`information_sequential` by a suffix associative scan of the same elements: the
+    """``information_sequential`` by a suffix associative scan of the same elements: the
     composite of elements ``k+1 … n`` carries the likelihood of their data given ``s_k``."""
     elements = jax.lax.optimization_barrier(_elements(model, layout))
     suffix = jax.lax.associative_scan(lambda later, earlier: _combine(earlier, later), elements, reverse=True)

@@ -28,15 +28,15 @@ _SQRT5 = 5.0**0.5
 
 
 class Kernel(abc.ABC):
-    """Abstract base: a positive semi-definite covariance ``k(a, b)``.
+    """Abstract base: a positive semi-definite covariance $k(a, b)$.
 
-    Subclasses implement :meth:`evaluate` and :meth:`grad_first` on single
-    index points; :meth:`matrix` and :meth:`grad_first_matrix` vectorise them.
+    Subclasses implement [``evaluate``][gpgrad_jax.kernels.Kernel.evaluate] and [``grad_first``][gpgrad_jax.kernels.Kernel.grad_first] on single
+    index points; [``matrix``][gpgrad_jax.kernels.Kernel.matrix] and [``grad_first_matrix``][gpgrad_jax.kernels.Kernel.grad_first_matrix] vectorise them.
     Kernels compose with ``+`` and ``*`` (also ``c * kernel`` for a scalar
-    ``c > 0``, which becomes a :class:`Constant` factor with a learnable
+    ``c > 0``, which becomes a [``Constant``][gpgrad_jax.kernels.Constant] factor with a learnable
     variance).
 
-    Example:
+    Examples:
         >>> from gpgrad_jax import kernels
         >>> k = 2.0 * kernels.ExpSquared(variance=1.0, lengthscale=0.5) + kernels.Constant(0.1)
         >>> round(float(k.evaluate(0.3, 0.3)), 6)
@@ -52,11 +52,11 @@ class Kernel(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(self, a: Array, b: Array) -> Array:
-        """``k(a, b)`` for single index points ``a``, ``b`` (shape ``()`` or ``(d,)``)."""
+        """$k(a, b)$ for single index points ``a``, ``b`` (shape ``()`` or ``(d,)``)."""
 
     @abc.abstractmethod
     def grad_first(self, a: Array, b: Array) -> Array:
-        """``∂k(a, b)/∂a``, hand-derived; same shape as ``a``."""
+        r"""$\partial k(a, b) / \partial a$, hand-derived; same shape as ``a``."""
 
     def parts(self) -> list[Kernel]:
         """The elementary kernels this one is built from (itself unless composite)."""
@@ -122,12 +122,12 @@ def register(cls: type) -> type:
     ``optax`` updates; ``jit`` and ``vmap`` see through it. Implement ``evaluate(a, b)`` and
     its derivative in the first argument, ``grad_first(a, b)``, on single index points
     (shape ``()`` or ``(d,)``), finite at ``a == b``. Check the pair with
-    :func:`gpgrad_jax.testing.check_kernel`.
+    [``gpgrad_jax.testing.check_kernel``][gpgrad_jax.testing.check_kernel].
 
     Optionally: ``positive_fields`` (names checked ``> 0`` eagerly), ``parameter_shapes``
     (shapes checked eagerly), ``scalar_index_only``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from gpgrad_jax import kernels
         >>> @kernels.register
@@ -172,7 +172,7 @@ class _Composite(Kernel):
 
 @pytree_dataclass
 class Sum(_Composite):
-    """``k(a, b) = k1(a, b) + k2(a, b)``."""
+    """$k(a, b) = k_1(a, b) + k_2(a, b)$."""
 
     k1: Kernel
     k2: Kernel
@@ -186,7 +186,7 @@ class Sum(_Composite):
 
 @pytree_dataclass
 class Product(_Composite):
-    """``k(a, b) = k1(a, b) · k2(a, b)``; ``∂k/∂a = k1' k2 + k1 k2'``."""
+    r"""$k(a, b) = k_1(a, b)\, k_2(a, b)$; $\partial k / \partial a = k_1' k_2 + k_1 k_2'$."""
 
     k1: Kernel
     k2: Kernel
@@ -205,12 +205,16 @@ class Product(_Composite):
 
 @pytree_dataclass
 class CubicSpline(Kernel):
-    """Integrated Wiener process (cubic spline) kernel on scalar indices ``≥ 0``.
+    r"""Integrated Wiener process (cubic spline) kernel on scalar indices $\geq 0$.
 
-    ``k(a, b) = σ² (m³/3 + |a − b| m²/2)`` with ``m = min(a, b)``, and
-    ``∂k/∂a = σ² m (b − m/2)`` (continuous at ``a == b``).
+    $$
+    k(a, b) = \sigma^2 \left( \frac{m^3}{3} + \lvert a - b \rvert \frac{m^2}{2} \right)
+    \quad\text{with}\quad m = \min(a, b),
+    $$
 
-    Example:
+    and $\partial k / \partial a = \sigma^2 m \,(b - m/2)$ (continuous at ``a == b``).
+
+    Examples:
         >>> from gpgrad_jax import kernels
         >>> round(float(kernels.CubicSpline(variance=3.0).evaluate(1.0, 1.0)), 6)
         1.0
@@ -238,7 +242,7 @@ class CubicSpline(Kernel):
 
 @pytree_dataclass
 class Linear(Kernel):
-    """Linear (dot-product) kernel ``k(a, b) = σ² a·b``; ``∂k/∂a = σ² b``."""
+    r"""Linear (dot-product) kernel $k(a, b) = \sigma^2\, a \cdot b$; $\partial k / \partial a = \sigma^2 b$."""
 
     variance: Array = 1.0
     positive_fields: ClassVar[tuple[str, ...]] = ("variance",)
@@ -255,7 +259,7 @@ class Linear(Kernel):
 
 @pytree_dataclass
 class Constant(Kernel):
-    """Constant (offset) kernel ``k(a, b) = σ²``; ``∂k/∂a = 0``."""
+    r"""Constant (offset) kernel $k(a, b) = \sigma^2$; $\partial k / \partial a = 0$."""
 
     variance: Array = 1.0
     positive_fields: ClassVar[tuple[str, ...]] = ("variance",)
@@ -321,10 +325,10 @@ class _Stationary(Kernel):
 
 @pytree_dataclass
 class ExpSquared(_Stationary):
-    """Squared exponential kernel ``k = σ² exp(−r²/2)``, ``r = ‖a − b‖/ℓ``.
+    r"""Squared exponential kernel $k = \sigma^2 \exp(-r^2/2)$, $r = \lVert a - b \rVert / \ell$.
 
-    ``∂k/∂a = −k (a − b)/ℓ²``.  ``lengthscale`` is a scalar or, for
-    ``d``-dimensional indices, a length-``d`` vector (ARD).
+    $\partial k / \partial a = -k\, (a - b) / \ell^2$.  ``lengthscale`` is a scalar or, for
+    $d$-dimensional indices, a length-$d$ vector (ARD).
     """
 
     def evaluate(self, a, b):
@@ -336,9 +340,9 @@ class ExpSquared(_Stationary):
 
 @pytree_dataclass
 class Matern32(_Stationary):
-    """Matérn-3/2 kernel ``k = σ² (1 + √3 r) exp(−√3 r)``, ``r = ‖a − b‖/ℓ``.
+    r"""Matérn-3/2 kernel $k = \sigma^2 (1 + \sqrt{3}\, r) \exp(-\sqrt{3}\, r)$, $r = \lVert a - b \rVert / \ell$.
 
-    ``∂k/∂a = −3 σ² exp(−√3 r) (a − b)/ℓ²`` — finite (zero) at ``a == b``.
+    $\partial k / \partial a = -3 \sigma^2 \exp(-\sqrt{3}\, r)\, (a - b) / \ell^2$ — finite (zero) at ``a == b``.
     """
 
     def evaluate(self, a, b):
@@ -352,9 +356,9 @@ class Matern32(_Stationary):
 
 @pytree_dataclass
 class Matern52(_Stationary):
-    """Matérn-5/2 kernel ``k = σ² (1 + √5 r + 5r²/3) exp(−√5 r)``, ``r = ‖a − b‖/ℓ``.
+    r"""Matérn-5/2 kernel $k = \sigma^2 (1 + \sqrt{5}\, r + 5 r^2 / 3) \exp(-\sqrt{5}\, r)$, $r = \lVert a - b \rVert / \ell$.
 
-    ``∂k/∂a = −(5/3) σ² (1 + √5 r) exp(−√5 r) (a − b)/ℓ²``.
+    $\partial k / \partial a = -\tfrac{5}{3} \sigma^2 (1 + \sqrt{5}\, r) \exp(-\sqrt{5}\, r)\, (a - b) / \ell^2$.
     """
 
     def evaluate(self, a, b):

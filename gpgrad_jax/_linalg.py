@@ -9,7 +9,7 @@ that every product skips the zero triangle — ``2m³/3`` flops, like ``potri`` 
 and are made of ``matmul`` only: pure JAX, fast on CPU and GPU alike, no host
 round trip, differentiable (reverse-over-reverse through the likelihood works).
 
-:func:`cho_inverse` gives the full ``U⁻¹``; :func:`cho_inverse_lower` only its
+``cho_inverse`` gives the full ``U⁻¹``; ``cho_inverse_lower`` only its
 lower triangle, which is all the likelihood's VJP needs when ``U`` is larger
 than ``n × n`` (then the block trace is completed by an ``n × n`` transpose
 instead of an ``m × m`` one).
@@ -26,9 +26,9 @@ _LEAF = 256  # below this size the blocked recursion falls back to a triangular 
 def cho_inverse_lower(chol):
     """The lower triangle of ``U⁻¹`` (strict upper triangle zero) from ``U``'s lower Cholesky factor.
 
-    :func:`symmetrize_lower` completes it to the full ``U⁻¹``.
+    ``symmetrize_lower`` completes it to the full ``U⁻¹``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> u = jnp.array([[4.0, 2.0], [2.0, 3.0]])
         >>> inverse = symmetrize_lower(cho_inverse_lower(jnp.linalg.cholesky(u)))
@@ -42,7 +42,7 @@ def cho_inverse(chol):
     """The full symmetric ``U⁻¹`` from ``U``'s lower Cholesky factor.
 
     The upper triangle is filled block by block during the recursion, transposing
-    half as many entries as completing :func:`cho_inverse_lower` afterwards would.
+    half as many entries as completing ``cho_inverse_lower`` afterwards would.
     """
     return _gram_of_lower(_triangular_inverse(chol), full=True)
 

@@ -3,7 +3,7 @@ r"""The state-space solvers: the closed-form gradient in O(n) from smoothed marg
 The model and the two forms of the Kalman filter and smoother that evaluate it are in
 ``gpgrad_jax._markov_model``, ``gpgrad_jax._kalman`` (covariances) and
 ``gpgrad_jax._kalman_sqrt`` (square roots). Which form runs is a static choice per dtype
-(:func:`default_square_root`): float32 uses square roots — the covariance form loses the
+(``default_square_root``): float32 uses square roots — the covariance form loses the
 gradient there (``benchmarks/float32.py``: 2.6e-2 against 2.2e-5 on the camera-ray curve,
 NaN against 6e-5 on a helix over wide gaps) — and float64 the covariance form, which is exact
 in float64 and 2–20× faster on CPUs (``benchmarks/state_space.py``, ``docs/performance.md``).
@@ -196,7 +196,7 @@ def _forward_sqrt_jvp(parallel, primals, tangents):
 
 def forward(parallel, square_root, kernel, noise, x, r):
     """``(L, (model, filtered))`` by the chosen form; the square-root form checks its rounding
-    estimate (:func:`~gpgrad_jax._validation.check_state_space_precision`)."""
+    estimate (``gpgrad_jax._validation.check_state_space_precision``)."""
     if square_root:
         value, state = _forward_sqrt(parallel, kernel, noise, x, r)
         check_state_space_precision(state[1].spread, r.dtype)
@@ -212,7 +212,7 @@ def _unsort(values, model: Model):
 
 
 def _check(*results):
-    """Eager check of concrete results: a non-finite value is a :class:`NumericalError`, never a
+    """Eager check of concrete results: a non-finite value is a [``NumericalError``][gpgrad_jax.NumericalError], never a
     silent NaN (under ``jit`` results are tracers and this is skipped, as for the dense solver)."""
     for result in jax.tree_util.tree_leaves(results):
         if result is not None and not isinstance(result, jax.core.Tracer):
@@ -411,7 +411,7 @@ def posterior_draws(parallel, key, kernel, noise, x, r, num_samples, x_new):
 class MarkovSolver:
     """Markov kernels, block-diagonal noise, scalar indices; O(n) time and memory.
 
-    ``square_root=None`` picks the form by dtype (:func:`default_square_root`).
+    ``square_root=None`` picks the form by dtype (``default_square_root``).
     """
 
     def __init__(self, parallel: bool, square_root: bool | None = None):

@@ -3,7 +3,7 @@ filter and smoother (``gpgrad_jax._kalman``: covariances; ``gpgrad_jax._kalman_s
 
 In precision form the likelihood is the Gaussian density of the whitened data ``w = S r``
 under ``w = S f + e``, ``e ~ N(0, I)``. For a Markov kernel (``gpgrad_jax._statespace``) and
-block-diagonal ``S`` (:class:`~gpgrad_jax.noise.Isotropic`, :class:`~gpgrad_jax.noise.PerPoint`)
+block-diagonal ``S`` ([``Isotropic``][gpgrad_jax.noise.Isotropic], [``PerPoint``][gpgrad_jax.noise.PerPoint])
 this is a state-space model over the *sorted* indices: state ``s_k`` (``N = p·k`` entries:
 ``k`` per coordinate, ``p`` coupled coordinates), ``s_k = A_k s_{k−1} + ε_k`` with
 ``ε_k ~ N(0, Q_k)``, and observation ``o_k = B_k r_k = C_k s_k + e_k``, ``C_k = B_k H`` (``H``
@@ -11,7 +11,7 @@ reads ``f``). Isotropic noise decouples the ``D`` coordinates: they share one co
 ``p = 1`` and the ``q = D`` coordinates ride along as columns of the mean (the dense solver's
 ``U = U_c ⊗ I_q``). The first point's ``A_0 = 0`` and ``Q_0`` is the prior of its state.
 
-Both forms deliver the same :class:`Smoothed` marginals, from which ``gpgrad_jax._markov``
+Both forms deliver the same ``Smoothed`` marginals, from which ``gpgrad_jax._markov``
 reads the closed-form gradient.
 """
 
@@ -148,7 +148,7 @@ def rows(*values):
 
 
 def split(stacked, shapes):
-    """Undo :func:`rows` for all steps at once: arrays of shape ``(n, *shape)``."""
+    """Undo ``rows`` for all steps at once: arrays of shape ``(n, *shape)``."""
     out, start = [], 0
     for shape in shapes:
         size = math.prod(shape)

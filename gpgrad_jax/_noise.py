@@ -2,20 +2,20 @@
 
 Data ``r = y − μ`` of shape ``(n, D)`` is flattened point-major to length
 ``n·D``.  A noise model never builds the ``(nD × nD)`` matrix ``S`` (except
-:class:`Dense`, which *is* one); instead it exposes the few structured maps the
+[``Dense``][gpgrad_jax.noise.Dense], which *is* one); instead it exposes the few structured maps the
 likelihood needs.  ``U = I + S (K ⊗ I_D) Sᵀ`` is represented by its *core*
 ``U_c`` of shape ``(p, p)`` with ``U = U_c ⊗ I_q`` and ``m = p·q`` rows:
 
-* :class:`Isotropic` — ``S = I/σ``: ``U = (I + K/σ²) ⊗ I_D``, so ``p = n``,
+* [``Isotropic``][gpgrad_jax.noise.Isotropic] — ``S = I/σ``: ``U = (I + K/σ²) ⊗ I_D``, so ``p = n``,
   ``q = D`` and only an ``n × n`` matrix is ever factored;
-* :class:`PerPoint` — ``S = blockdiag(B_1 … B_n)``: ``p = nD``, ``q = 1``;
-* :class:`Dense` — any ``(m, nD)`` matrix: ``p = m``, ``q = 1``.
+* [``PerPoint``][gpgrad_jax.noise.PerPoint] — ``S = blockdiag(B_1 … B_n)``: ``p = nD``, ``q = 1``;
+* [``Dense``][gpgrad_jax.noise.Dense] — any ``(m, nD)`` matrix: ``p = m``, ``q = 1``.
 
 ``S`` may be rank deficient (a 3-D point seen along one camera ray has a
 rank-2 precision): ``U``'s eigenvalues are still ``≥ 1``.
 
 The maps above are the dense solver's interface.  The state-space solvers need each
-point's own block instead: :class:`BlockDiagonal` noises (``Isotropic``, ``PerPoint``)
+point's own block instead: [``BlockDiagonal``][gpgrad_jax.noise.BlockDiagonal] noises (``Isotropic``, ``PerPoint``)
 provide it; ``Dense`` cannot, and the solver choice says so.
 """
 
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from gpgrad_jax._pytree import pytree_dataclass
+from gpgrad_jax._smallmatrix import orthogonalize_columns
 
 Array = Any
 
@@ -37,30 +38,30 @@ class Noise(abc.ABC):
 
     @abc.abstractmethod
     def core_shape(self, n: int, dim: int) -> tuple[int, int]:
-        """``(p, q)``: ``U = U_c ⊗ I_q`` with ``U_c`` of shape ``(p, p)``."""
+        r"""``(p, q)``: $U = U_c \otimes I_q$ with $U_c$ of shape ``(p, p)``."""
 
     @abc.abstractmethod
     def whiten(self, r: Array) -> Array:
-        """``w = S r`` for residuals ``r`` of shape ``(n, D)``; returns ``(p, q)``."""
+        """$w = S r$ for residuals ``r`` of shape ``(n, D)``; returns ``(p, q)``."""
 
     @abc.abstractmethod
     def adjoint_whiten(self, v: Array, dim: int) -> Array:
-        """``Sᵀ v`` for ``v`` of shape ``(p, q)``; returns ``(n, D)``."""
+        r"""$S^\top v$ for ``v`` of shape ``(p, q)``; returns ``(n, D)``."""
 
     @abc.abstractmethod
     def core(self, kernel_matrix: Array, dim: int) -> Array:
-        """``U_c − I``: the core of ``S (K ⊗ I_D) Sᵀ``, shape ``(p, p)``."""
+        r"""$U_c - I$: the core of $S (K \otimes I_D) S^\top$, shape ``(p, p)``."""
 
     @abc.abstractmethod
     def core_adjoint(self, v: Array, dim: int) -> Array:
-        """Adjoint of :meth:`core` in ``K``: ``V ↦ blocktrace(Sᵀ (V ⊗ I_q) S)``, ``(n, n)``."""
+        r"""Adjoint of [``core``][gpgrad_jax.noise.Noise.core] in $K$: $V \mapsto \operatorname{blocktrace}(S^\top (V \otimes I_q) S)$, ``(n, n)``."""
 
     @abc.abstractmethod
     def core_adjoint_diagonal(self, d: Array, dim: int) -> Array:
-        """:meth:`core_adjoint` of the diagonal matrix ``diag(d)`` (``d`` of length ``p``), ``(n, n)``."""
+        r"""[``core_adjoint``][gpgrad_jax.noise.Noise.core_adjoint] of the diagonal matrix $\operatorname{diag}(d)$ (``d`` of length ``p``), ``(n, n)``."""
 
     def core_adjoint_from_lower(self, lower: Array, dim: int) -> Array:
-        """:meth:`core_adjoint` of the symmetric ``V = T + Tᵀ − diag(T)`` given only ``T = tril(V)``.
+        r"""[``core_adjoint``][gpgrad_jax.noise.Noise.core_adjoint] of the symmetric $V = T + T^\top - \operatorname{diag}(T)$ given only $T = \operatorname{tril}(V)$.
 
         The adjoint commutes with transposition, so ``core_adjoint(V) = X + Xᵀ − Y`` with
         ``X = core_adjoint(T)`` and ``Y`` from the diagonal: the transpose is taken of an
@@ -83,7 +84,7 @@ class Noise(abc.ABC):
         return {}
 
     def covariance(self, n: int, dim: int) -> Array:
-        """``Λ⁻¹ = (SᵀS)⁻¹``, the noise covariance of ``n`` points of dimension ``D``, ``(nD, nD)``.
+        r"""$\Lambda^{-1} = (S^\top S)^{-1}$, the noise covariance of ``n`` points of dimension ``D``, ``(nD, nD)``.
 
         Only for an invertible precision: along a direction without information the variance is
         infinite (the result is then not finite, or meaningless).
@@ -91,22 +92,22 @@ class Noise(abc.ABC):
         return _gram_inverse(self.dense_matrix(n, dim))
 
     def variance(self, n: int, dim: int) -> Array:
-        """The diagonal of :meth:`covariance` as ``(n, D)``."""
+        """The diagonal of [``covariance``][gpgrad_jax.noise.Noise.covariance] as ``(n, D)``."""
         return jnp.diagonal(self.covariance(n, dim)).reshape(n, dim)
 
     @abc.abstractmethod
     def log_pseudo_determinant(self, n: int, dim: int) -> tuple[Array, Array]:
-        """``(log pdet S, rank S)``: the sum of the logs of ``S``'s nonzero singular values, and
-        their number (counted per block for block-diagonal ``S``).
+        r"""$(\log \operatorname{pdet} S, \operatorname{rank} S)$: the sum of the logs of $S$'s nonzero singular values, and
+        their number (counted per block for block-diagonal $S$).
 
-        What :func:`gpgrad_jax.log_probability` adds to ``L``. The rank is a float array (it is
-        constant where the pseudo-determinant is differentiable); the derivative in ``S`` is
-        ``(S⁺)ᵀ``, the transposed pseudo-inverse, at fixed rank.
+        What [``gpgrad_jax.log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood] adds to $L$. The rank is a float array (it is
+        constant where the pseudo-determinant is differentiable); the derivative in $S$ is
+        $(S^+)^\top$, the transposed pseudo-inverse, at fixed rank.
         """
 
 
 class BlockDiagonal(Noise):
-    """Noise whose ``S`` is block diagonal per point: what the state-space solvers need.
+    """Noise whose $S$ is block diagonal per point: what the state-space solvers need.
 
     Besides the dense solver's maps above it gives each point's own block.
     """
@@ -115,14 +116,14 @@ class BlockDiagonal(Noise):
     def observation_blocks(self, n: int, dim: int) -> tuple[Array, int]:
         """``(B, q)``: per-point blocks ``B`` of shape ``(n, p, p)`` acting on each point's
         residual reshaped to ``(p, q)``, ``p·q = D`` (``q > 1`` when the ``D`` coordinates are
-        independent with one shared block, as for :class:`Isotropic`)."""
+        independent with one shared block, as for [``Isotropic``][gpgrad_jax.noise.Isotropic])."""
 
 
 @pytree_dataclass
 class Isotropic(BlockDiagonal):
-    """Independent noise of standard deviation ``sigma`` on every coordinate: ``S = I/σ``.
+    r"""Independent noise of standard deviation ``sigma`` on every coordinate: $S = I / \sigma$.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from gpgrad_jax import noise
         >>> noise.Isotropic(0.5).whiten(jnp.ones((2, 3))).shape
@@ -177,16 +178,16 @@ class Isotropic(BlockDiagonal):
 
 @pytree_dataclass
 class PerPoint(BlockDiagonal):
-    """Per-point precision square roots ``B_i`` (``S = blockdiag(B_1 … B_n)``).
+    r"""Per-point precision square roots $B_i$ ($S = \operatorname{blockdiag}(B_1, \dots, B_n)$).
 
-    ``blocks`` has shape ``(n, D, D)``; for 1-D data also ``(n,)`` (``B_i`` a
+    ``blocks`` has shape ``(n, D, D)``; for 1-D data also ``(n,)`` ($B_i$ a
     scalar inverse standard deviation). They are square roots of *precisions*, not covariances:
-    from what you have, use :meth:`from_covariance`, :meth:`from_precision` or
-    :meth:`from_projection` (cameras).  Blocks may be rank deficient or zero:
-    a point seen by one camera gives ``B_i`` of rank 2, ``B_iᵀB_i`` the
+    from what you have, use [``from_covariance``][gpgrad_jax.noise.PerPoint.from_covariance], [``from_precision``][gpgrad_jax.noise.PerPoint.from_precision] or
+    [``from_projection``][gpgrad_jax.noise.PerPoint.from_projection] (cameras).  Blocks may be rank deficient or zero:
+    a point seen by one camera gives $B_i$ of rank 2, $B_i^\top B_i$ the
     precision orthogonal to the viewing ray.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from gpgrad_jax import noise
         >>> ray = jnp.array([0.0, 0.0, 1.0])
@@ -199,10 +200,10 @@ class PerPoint(BlockDiagonal):
 
     @classmethod
     def from_covariance(cls, covariance: Array) -> PerPoint:
-        """Noise with each point's covariance ``C_i`` (``(n, D, D)``, or ``(n,)`` variances of 1-D
-        data), positive definite: ``B_i = L_i⁻¹`` with ``C_i = L_i L_iᵀ``, so ``B_iᵀB_i = C_i⁻¹``.
+        r"""Noise with each point's covariance $C_i$ (``(n, D, D)``, or ``(n,)`` variances of 1-D
+        data), positive definite: $B_i = L_i^{-1}$ with $C_i = L_i L_i^\top$, so $B_i^\top B_i = C_i^{-1}$.
 
-        Example:
+        Examples:
             >>> import jax.numpy as jnp
             >>> from gpgrad_jax import noise
             >>> nz = noise.PerPoint.from_covariance(jnp.stack([jnp.diag(jnp.array([0.01, 0.04, 0.09]))] * 2))
@@ -214,25 +215,25 @@ class PerPoint(BlockDiagonal):
 
     @classmethod
     def from_precision(cls, precision: Array) -> PerPoint:
-        """Noise with each point's precision ``Λ_i`` (``(n, D, D)``, or ``(n,)`` for 1-D data),
+        r"""Noise with each point's precision $\Lambda_i$ (``(n, D, D)``, or ``(n,)`` for 1-D data),
         positive *semi*-definite — zero along directions a point carries no information about:
-        ``B_i = Λ_i^{1/2}`` (symmetric square root), so ``B_iᵀB_i = Λ_i``."""
+        $B_i = \Lambda_i^{1/2}$ (symmetric square root), so $B_i^\top B_i = \Lambda_i$."""
         precision = _square_matrices("precision", precision, batched=True)
         return cls(_symmetric_sqrt("precision", precision))
 
     @classmethod
     def from_projection(cls, jacobians: Array, pixel_sigma: Array) -> PerPoint:
-        """Noise of 3-D (or ``D``-dim) points observed through image-plane projections.
+        r"""Noise of 3-D (or $D$-dim) points observed through image-plane projections.
 
-        ``jacobians`` ``(n, k, D)``: for each point the ``k`` rows ``∂u/∂X`` of its projections
-        ``u`` (2 rows per camera that sees it, linearised at the point; rows of zeros for a
+        ``jacobians`` ``(n, k, D)``: for each point the $k$ rows $\partial u / \partial X$ of its projections
+        $u$ (2 rows per camera that sees it, linearised at the point; rows of zeros for a
         camera that does not); ``pixel_sigma``: the standard deviation of a pixel coordinate,
-        a scalar or ``(n, k)``. The precision is ``Λ_i = J_iᵀ J_i / σ²`` — rank 2 for a point
+        a scalar or ``(n, k)``. The precision is $\Lambda_i = J_i^\top J_i / \sigma^2$ — rank 2 for a point
         one camera sees (nothing is known along its ray), full rank with two cameras; the
-        block is ``J_i/σ`` padded with zero rows (``k ≤ D``) or the triangular factor ``R_i`` of
-        ``J_i/σ = Q_i R_i`` (``k > D``).
+        block is $J_i / \sigma$ padded with zero rows ($k \leq D$) or the triangular factor $R_i$ of
+        $J_i / \sigma = Q_i R_i$ ($k > D$).
 
-        Example:
+        Examples:
             >>> import jax, jax.numpy as jnp
             >>> from gpgrad_jax import noise
             >>> camera = jnp.array([[500.0, 0, 320, 0], [0, 500.0, 240, 0], [0, 0, 1, 0]])  # pinhole P = K[I|0]
@@ -322,26 +323,26 @@ class PerPoint(BlockDiagonal):
 
 @pytree_dataclass
 class Dense(Noise):
-    """A general precision square root ``S`` of shape ``(m, n·D)``.
+    """A general precision square root $S$ of shape ``(m, n·D)``.
 
     ``S`` acts on the point-major flattened data ``(y_11 … y_1D, y_21 …)``;
     ``m`` may be smaller or larger than ``n·D`` (e.g. one row per camera pixel
-    coordinate).  The ``(m × m)`` matrix ``U`` is factored.
+    coordinate).  The ``(m × m)`` matrix $U$ is factored.
     """
 
     matrix: Array
 
     @classmethod
     def from_covariance(cls, covariance: Array) -> Dense:
-        """Noise of covariance ``C`` (``(nD, nD)``, point-major, positive definite):
-        ``S = L⁻¹`` with ``C = L Lᵀ``, so ``SᵀS = C⁻¹``."""
+        r"""Noise of covariance $C$ (``(nD, nD)``, point-major, positive definite):
+        $S = L^{-1}$ with $C = L L^\top$, so $S^\top S = C^{-1}$."""
         covariance = _square_matrices("covariance", covariance, batched=False)
         return cls(_inverse_cholesky("covariance", covariance))
 
     @classmethod
     def from_precision(cls, precision: Array) -> Dense:
-        """Noise of precision ``Λ`` (``(nD, nD)``, point-major, positive semi-definite):
-        ``S = Λ^{1/2}`` (symmetric square root), so ``SᵀS = Λ``."""
+        r"""Noise of precision $\Lambda$ (``(nD, nD)``, point-major, positive semi-definite):
+        $S = \Lambda^{1/2}$ (symmetric square root), so $S^\top S = \Lambda$."""
         precision = _square_matrices("precision", precision, batched=False)
         return cls(_symmetric_sqrt("precision", precision))
 
@@ -404,12 +405,26 @@ def log_pseudo_determinants(matrices: Array) -> tuple[Array, Array]:
     return _log_pdet_forward(matrices)[0]
 
 
+#: Batches of matrices up to this width take the written-out Jacobi SVD, not LAPACK: the
+#: per-point blocks of the state-space solvers' problems, whose programs must stay free of
+#: batched LAPACK calls (they can deadlock across devices; ``tests/test_no_lapack.py``).
+_JACOBI_MAX_WIDTH = 8
+
+
 def _log_pdet_forward(matrices):
-    u, s, vh = jnp.linalg.svd(matrices, full_matrices=False)
-    keep = _rank_mask(s, matrices.shape)
+    if matrices.ndim >= 3 and matrices.shape[-1] <= _JACOBI_MAX_WIDTH:
+        # A V = W = U Σ: the rule's U Σ⁻¹ Vᵀ is W Σ⁻² Vᵀ.
+        w, v = orthogonalize_columns(matrices)
+        s = jnp.sqrt(jnp.sum(w**2, axis=-2))
+        keep = _rank_mask(s, matrices.shape)
+        left, scale, right = w, jnp.where(keep, 1.0 / jnp.where(keep, s * s, 1.0), 0.0), jnp.swapaxes(v, -1, -2)
+    else:
+        left, s, right = jnp.linalg.svd(matrices, full_matrices=False)
+        keep = _rank_mask(s, matrices.shape)
+        scale = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
     log_pdet = jnp.sum(jnp.where(keep, jnp.log(jnp.where(keep, s, 1.0)), 0.0), axis=-1)
     rank = jnp.sum(keep, axis=-1).astype(matrices.dtype)
-    return (log_pdet, rank), (u, jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0), vh)
+    return (log_pdet, rank), (left, scale, right)
 
 
 def _log_pdet_backward(residuals, cotangents):

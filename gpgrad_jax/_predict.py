@@ -35,20 +35,24 @@ def predict(
 ) -> tuple[jax.Array, jax.Array]:
     r"""Posterior mean and variance (or full covariance) of the latent function at ``x_new``.
 
-    In the precision square-root form (no ``Λ⁻¹`` needed, so rank-deficient
-    noise is fine), with ``M = SᵀU⁻¹S``, ``z = M (y − μ)`` and
-    ``K_* = K(x_new, x)``:
+    In the precision square-root form (no $\Lambda^{-1}$ needed, so rank-deficient
+    noise is fine), with $M = S^\top U^{-1} S$, $z = M (y - \mu)$ and
+    $K_* = K(x_\mathrm{new}, x)$:
 
-        E[f_*]   = μ_* + (K_* ⊗ I_D) z
-        Cov[f_*] = K(x_new, x_new) ⊗ I_D − (K_* ⊗ I_D) M (K_* ⊗ I_D)ᵀ
+    $$
+    \begin{aligned}
+    \mathrm{E}[f_*] &= \mu_* + (K_* \otimes I_D)\, z, \\
+    \operatorname{Cov}[f_*] &= K(x_\mathrm{new}, x_\mathrm{new}) \otimes I_D - (K_* \otimes I_D)\, M\, (K_* \otimes I_D)^\top.
+    \end{aligned}
+    $$
 
     The Markov solvers read the mean and marginal variances from the smoothed state, the new
     indices joining the filter as points with zero precision: O(n + n_new). The full covariance
     uses the dense formula whatever the solver (O((nD)³ + (n_new D)²)); for draws,
-    :func:`sample_posterior` needs no covariance on the Markov path (O(n + n_new)).
+    [``sample_posterior``][gpgrad_jax.sample_posterior] needs no covariance on the Markov path (O(n + n_new)).
 
     Args:
-        kernel: as in :func:`gpgrad_jax.log_marginal_likelihood`.
+        kernel: as in [``gpgrad_jax.log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood].
         x: the data's indices, as there.
         y: the data, as there.
         noise: the data's noise, as there.
@@ -56,13 +60,13 @@ def predict(
         mean: the prior mean at ``x``, as there.
         mean_new: prior mean at ``x_new``, shape ``(n_new,)`` or ``(n_new, D)``
             like ``y``, or a scalar; ``None`` means zero.
-        solver: as in :func:`gpgrad_jax.log_marginal_likelihood`.
+        solver: as in [``gpgrad_jax.log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood].
         full_covariance: return the full posterior covariance instead of the marginal variances.
             It is built densely whatever the solver — O((nD)³) time, O((nD)²) memory; the
-            Markov solvers' marginals and :func:`sample_posterior`'s draws are O(n + n_new).
+            Markov solvers' marginals and [``sample_posterior``][gpgrad_jax.sample_posterior]'s draws are O(n + n_new).
         noise_new: the noise of *new observations* at ``x_new`` (e.g. ``noise`` itself for
-            ``Isotropic`` noise): the variance or covariance is then that of ``y_* = f_* + ε``,
-            adding ``Λ_new⁻¹``. Its precision must be invertible.
+            ``Isotropic`` noise): the variance or covariance is then that of $y_* = f_* + \varepsilon$,
+            adding $\Lambda_\mathrm{new}^{-1}$. Its precision must be invertible.
 
     Returns:
         ``(mean, variance)``, each of shape ``(n_new,)`` for 1-D data or
@@ -74,7 +78,7 @@ def predict(
         at most about ``10³ · eps · k(x_new, x_new)``; marginal variances are returned as
         ``max(variance, 0)`` so that ``sqrt`` stays finite.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> import gpgrad_jax as gg
         >>> from gpgrad_jax import kernels, noise
@@ -163,28 +167,28 @@ def sample_posterior(
     ``noise_new``).
 
     * The Markov solvers draw by pathwise conditioning in O(n + n_new) time and memory: a prior
-      draw ``s`` of the state-space model at the data and the new indices together, simulated
-      whitened observations ``õ = C s + e``, and ``s + E[s | o − õ]`` — exactly a posterior draw,
+      draw $s$ of the state-space model at the data and the new indices together, simulated
+      whitened observations $\tilde o = C s + e$, and $s + \mathrm{E}[s \mid o - \tilde o]$ — exactly a posterior draw,
       the posterior mean being linear in the observations (all draws share one filter and
-      smoother pass). The noise of new observations is drawn point by point, ``ε_i = B_i⁻¹ ξ_i``
+      smoother pass). The noise of new observations is drawn point by point, $\varepsilon_i = B_i^{-1} \xi_i$
       (``Dense`` noise of new observations: from its dense covariance).
-    * The dense solver draws ``E[f_*] + C^{1/2} ξ`` with ``C^{1/2}`` the symmetric square root of the
-      full posterior covariance of :func:`predict` (eigenvalues below zero, rounding, are
+    * The dense solver draws $\mathrm{E}[f_*] + C^{1/2} \xi$ with $C^{1/2}$ the symmetric square root of the
+      full posterior covariance of [``predict``][gpgrad_jax.predict] (eigenvalues below zero, rounding, are
       clipped): exact for a positive semi-definite covariance, whatever its rank; O((nD)³ + (n_new D)³).
 
-    ``ξ`` is standard normal from ``key``. Draws are differentiable in the kernel's and the
+    $\xi$ is standard normal from ``key``. Draws are differentiable in the kernel's and the
     noise's parameters and the data (a reparameterisation); in the indices only away from ties,
-    where the Markov solvers' process-noise factors behave like ``√h``.
+    where the Markov solvers' process-noise factors behave like $\sqrt{h}$.
 
     Args:
         key: a ``jax.random`` key.
-        kernel: as in :func:`predict`.
+        kernel: as in [``predict``][gpgrad_jax.predict].
         x: as there.
         y: as there.
         noise: as there.
         x_new: as there.
         num_samples: how many draws.
-        mean: as in :func:`predict`.
+        mean: as in [``predict``][gpgrad_jax.predict].
         mean_new: as there.
         solver: as there.
         noise_new: as there: draws of new observations instead of the latent function.
@@ -192,7 +196,7 @@ def sample_posterior(
     Returns:
         Shape ``(num_samples, n_new)`` for 1-D data or ``(num_samples, n_new, D)``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> import gpgrad_jax as gg
         >>> from gpgrad_jax import kernels, noise
@@ -278,7 +282,7 @@ def _prepare_new(kernel, x, y, noise, x_new, mean, mean_new):
 
 
 def _check_finite_cheaply(name, value):
-    """:func:`check_finite`, on the host for a concrete single-device array: no program to
+    """``check_finite``, on the host for a concrete single-device array: no program to
     compile for each new shape (a sharded array is still reduced where it lives)."""
     if isinstance(value, jax.core.Tracer) or len(value.sharding.device_set) > 1:
         check_finite(name, value)

@@ -57,12 +57,12 @@ def triangularize(x, pivots: int | None = None, unit_pivots: bool = False):
     the guards a zero row needs. The diagonal of the result may have either sign (it is
     ``−‖u‖`` with ``u₀ ≥ 0``); factors are defined up to such signs.
 
-    On a single matrix (a step of a ``lax.scan``) up to :data:`UNROLL` reflections are written
+    On a single matrix (a step of a ``lax.scan``) up to ``UNROLL`` reflections are written
     out, which XLA fuses with their neighbours; on a batch, or beyond that, they run as a
     ``fori_loop``: the loop costs nothing next to batched work, and compilation stays short
     (an associative scan inlines its combination at every level).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> x = jnp.array([[3.0, 4.0, 0.0], [1.0, 2.0, 2.0]])
         >>> low = triangularize(x)[:, :2]
@@ -87,7 +87,7 @@ def triangularize(x, pivots: int | None = None, unit_pivots: bool = False):
 
 
 def _unrolled(x, steps):
-    """Whether :func:`triangularize` and the substitutions write their ``steps`` out."""
+    """Whether ``triangularize`` and the substitutions write their ``steps`` out."""
     return steps <= (UNROLL if x.ndim == 2 else 2)
 
 
@@ -103,7 +103,7 @@ def _index(a, i, axis):
 
 
 def _reflect(x, i, floor):
-    """The ``i``-th Householder reflection of :func:`triangularize` (``i`` static or traced);
+    """The ``i``-th Householder reflection of ``triangularize`` (``i`` static or traced);
     ``floor`` (``..., pivots``): squared norms below which a pivot row counts as zero, or
     ``None`` for unit pivots.
 
@@ -221,3 +221,49 @@ def spd_inverse_and_logdet(u):
     inverse_low = solve_lower(low, jnp.broadcast_to(jnp.eye(p, dtype=u.dtype), u.shape))  # T = L⁻¹
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(low, axis1=-2, axis2=-1)), axis=-1)
     return small_matmul(transpose(inverse_low), inverse_low), logdet  # U⁻¹ = TᵀT
+
+
+#: Cyclic sweeps of the one-sided Jacobi method: it converges quadratically, and 8 sweeps took
+#: every tested 3 × 3 block (projections ``(I − rrᵀ)/σ``, rank 1, full, ill-conditioned) to
+#: orthogonal columns in float64 — the smallest singular value of an exactly rank-deficient
+#: block then at most 2.5 eps of the largest (LAPACK's gesdd: 2.8 eps).
+JACOBI_SWEEPS = 8
+
+
+def orthogonalize_columns(a, sweeps: int = JACOBI_SWEEPS):
+    """``(W, V)`` with ``A V = W``, ``V`` orthogonal and the columns of ``W`` orthogonal: the
+    singular value decomposition ``A = U Σ Vᵀ`` with ``W = U Σ`` (``σ_j = ‖w_j‖``), by the
+    one-sided (Hestenes) Jacobi method, elementwise over any batch of ``(..., m, d)``
+    matrices. Jacobi rotations of column pairs are orthogonal, so the singular values keep full
+    relative accuracy; written out (``d`` small), it needs no LAPACK."""
+    d = a.shape[-1]
+    eps = jnp.finfo(a.dtype).eps
+    eye = np.eye(d)
+    basis = [jnp.broadcast_to(jnp.asarray(eye[:, j], a.dtype), (*a.shape[:-2], d)) for j in range(d)]
+
+    def sweep(_, state):
+        columns, basis = list(state[0]), list(state[1])
+        for p in range(d - 1):
+            for q in range(p + 1, d):
+                alpha = jnp.sum(columns[p] ** 2, axis=-1)
+                beta = jnp.sum(columns[q] ** 2, axis=-1)
+                gamma = jnp.sum(columns[p] * columns[q], axis=-1)
+                # Rotate only pairs not yet orthogonal to working precision (zero columns: never).
+                rotate = jnp.abs(gamma) > eps * jnp.sqrt(alpha * beta)
+                zeta = (beta - alpha) / (2.0 * jnp.where(rotate, gamma, 1.0))
+                tangent = jnp.where(zeta >= 0, 1.0, -1.0) / (jnp.abs(zeta) + jnp.sqrt(1.0 + zeta**2))
+                cosine = jnp.where(rotate, 1.0 / jnp.sqrt(1.0 + tangent**2), 1.0)[..., None]
+                sine = jnp.where(rotate, cosine[..., 0] * tangent, 0.0)[..., None]
+                pair = (
+                    cosine * columns[p] - sine * columns[q],
+                    sine * columns[p] + cosine * columns[q],
+                    cosine * basis[p] - sine * basis[q],
+                    sine * basis[p] + cosine * basis[q],
+                )
+                # Each rotation reads its inputs twice: without the barrier XLA's fusion would
+                # recompute the whole chain of earlier rotations inside every later one.
+                columns[p], columns[q], basis[p], basis[q] = jax.lax.optimization_barrier(pair)
+        return tuple(columns), tuple(basis)
+
+    columns, basis = jax.lax.fori_loop(0, sweeps, sweep, (tuple(a[..., :, j] for j in range(d)), tuple(basis)))
+    return jnp.stack(columns, axis=-1), jnp.stack(basis, axis=-1)

@@ -1,6 +1,7 @@
 """The ``solver=`` keyword: names to solver objects, and the ``"auto"`` choice.
 
-Every solver offers ``log_marginal_likelihood`` (with its closed-form ``custom_vjp``),
+Every solver offers ``log_marginal_likelihood`` — the precision form ``L``, with its
+closed-form ``custom_vjp``; the public function of that name adds the noise-only term —
 ``index_gradient`` and ``predict`` on validated, dtype-normalised arguments
 ``(kernel, noise, x, r)`` with ``r = y − μ`` of shape ``(n, D)``.
 """
@@ -41,7 +42,7 @@ def markov_obstacle(kernel, noise, x) -> str | None:
 
 
 def resolve(solver: str, kernel, noise, x):
-    """The solver object for ``solver`` (one of :data:`SOLVERS`) on this problem."""
+    """The solver object for ``solver`` (one of ``SOLVERS``) on this problem."""
     if solver not in SOLVERS:
         raise ValueError(f"`solver` must be one of {', '.join(map(repr, SOLVERS))}; got {solver!r}")
     if solver == "dense":

@@ -2,15 +2,15 @@ r"""State-space (Markov) forms of the kernels that have one, kept apart from the
 
 A kernel is Markov when ``f`` is the first entry of the state of a linear SDE whose state
 also holds ``f'``.  For such kernels the Kalman filter and smoother of ``gpgrad_jax._markov``
-give the likelihood and its gradient in O(n).  :func:`state_space` maps a kernel to a tuple
+give the likelihood and its gradient in O(n).  ``state_space`` maps a kernel to a tuple
 of *components*, one state block each, stacked block-diagonally (``f`` is the sum of the
 blocks' first entries):
 
-* :class:`Polynomial` — ``CubicSpline(σ²) + Linear(σ_l²) + Constant(σ_c²)`` as **one**
+* ``Polynomial`` — ``CubicSpline(σ²) + Linear(σ_l²) + Constant(σ_c²)`` as **one**
   2-state block ``s = (f, f')`` (an integrated Wiener process started at index 0 from
   ``s(0) ~ N(0, diag(σ_c², σ_l²))``): ``A(h) = [[1, h], [0, 1]]``,
   ``Q(h) = σ² [[h³/3, h²/2], [h²/2, h]]``; there is no stationary covariance.
-* :class:`Matern` — Matérn 3/2 (2 states) or 5/2 (3 states), ``λ = √(2ν)/ℓ``:
+* ``Matern`` — Matérn 3/2 (2 states) or 5/2 (3 states), ``λ = √(2ν)/ℓ``:
   ``A(h) = e^{−λh} Σ_j (F + λI)^j h^j / j!`` (``F + λI`` is nilpotent), ``Q(h) = P∞ − A P∞ Aᵀ``.
 
 Each component also gives square roots of its covariances for the square-root solvers:
@@ -22,14 +22,14 @@ comes from the Taylor series of ``Q = ∫₀ʰ e^{Fτ} L q Lᵀ e^{Fᵀτ} dτ``
 well conditioned as ``h → 0``.
 
 Sums merge their polynomial parts and stack the rest; ``c * k`` (a product with a
-:class:`~gpgrad_jax.kernels.Constant`) scales every variance.  Other kernels (the squared
+[``Constant``][gpgrad_jax.kernels.Constant]) scales every variance.  Other kernels (the squared
 exponential, products of two non-constant kernels, kernels written by users) have no
-registered form and :func:`state_space` raises :class:`NoStateSpaceForm`; register one with
+registered form and ``state_space`` raises ``NoStateSpaceForm``; register one with
 ``state_space.register(MyKernel)``.
 
 Components are small dataclass pytrees of their effective parameters, so the solver's
 cotangents for them map back to the kernel's leaves with one ``jax.vjp`` of
-:func:`state_space`.
+``state_space``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Polynomial:
         return scale[..., None, None] * _matrix([[h / math.sqrt(3.0), 0.0], [math.sqrt(3.0) / 2.0, 0.5]], h)
 
     def initial_factor(self, t):
-        """A factor of :meth:`initial`: ``[A(t) diag(σ_c, σ_l), L_Q(t)]`` triangularised."""
+        """A factor of ``initial``: ``[A(t) diag(σ_c, σ_l), L_Q(t)]`` triangularised."""
         sigma_c, sigma_l = _safe_sqrt(self.constant), _safe_sqrt(self.linear)
         prior = _matrix([[sigma_c, t * sigma_l], [0.0, sigma_l]], t)
         return triangularize(jnp.concatenate([prior, self.process_noise_factor(t)], axis=-1))[..., :2]
@@ -247,9 +247,9 @@ _UNIT_MATERN = {3: _UnitMatern(3), 5: _UnitMatern(5)}
 def state_space(kernel: kernels.Kernel) -> tuple:
     """The state-space components of ``kernel`` (see the module docstring).
 
-    Raises :class:`NoStateSpaceForm` naming the kernel when it has none.
+    Raises ``NoStateSpaceForm`` naming the kernel when it has none.
 
-    Example:
+    Examples:
         >>> from gpgrad_jax import kernels
         >>> from gpgrad_jax._statespace import state_space
         >>> [type(c).__name__ for c in state_space(kernels.CubicSpline(1.0) + kernels.Matern32(1.0, 0.5))]

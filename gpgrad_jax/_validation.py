@@ -30,11 +30,11 @@ class NumericalError(FloatingPointError):
 
 
 class FactorizationError(NumericalError):
-    """``U = I + S (K ⊗ I_D) Sᵀ`` could not be Cholesky-factored in the working precision."""
+    r"""$U = I + S (K \otimes I_D) S^\top$ could not be Cholesky-factored in the working precision."""
 
 
 def check_finite_result(value: Any, quadratic: Any) -> None:
-    """Raise :class:`NumericalError` if a *concrete* likelihood value overflowed."""
+    """Raise [``NumericalError``][gpgrad_jax.NumericalError] if a *concrete* likelihood value overflowed."""
     concrete = _concrete(value)
     if concrete is None or np.all(np.isfinite(concrete)):
         return
@@ -46,7 +46,7 @@ def check_finite_result(value: Any, quadratic: Any) -> None:
 
 
 def check_finite_value(value: Any) -> None:
-    """Raise :class:`NumericalError` if a *concrete* state-space result (value or cotangent)
+    """Raise [``NumericalError``][gpgrad_jax.NumericalError] if a *concrete* state-space result (value or cotangent)
     is not finite."""
     concrete = _concrete(value)
     if concrete is None or np.all(np.isfinite(concrete)):
@@ -68,12 +68,12 @@ _WARNED_CONDITIONING: set[str] = set()
 
 
 def check_factorization(chol: Any, u_core: Callable[[], Any]) -> None:
-    """Raise :class:`FactorizationError` with advice if a *concrete* factor of ``U`` is unusable.
+    """Raise [``FactorizationError``][gpgrad_jax.FactorizationError] with advice if a *concrete* factor of ``U`` is unusable.
 
     Unusable means not finite: the factorisation broke down, and so would the result (under
     ``jit`` the same input gives a NaN, or this message through ``checkify``). A finite factor
     whose ``(max Lᵢᵢ / min Lᵢᵢ)²`` — a lower bound on ``cond(U)`` — exceeds ``1/eps`` is
-    used, with one :class:`ConditioningWarning` per precision and process: the precision form
+    used, with one [``ConditioningWarning``][gpgrad_jax.ConditioningWarning] per precision and process: the precision form
     often keeps such results usable (a float32 cubic spline on ``[0, 3000]``, 50 points: value
     within 5e-4 of float64, the gradient within 0.13 in max norm), and refusing them eagerly while
     ``jit`` returns them gave one input two outcomes.
@@ -125,8 +125,8 @@ PRECISION_WARNING_LEVEL = 1e-3
 
 
 def check_state_space_precision(spread: Any, dtype: Any) -> None:
-    """One :class:`ConditioningWarning` per precision when ``eps · max(spread)`` exceeds
-    :data:`PRECISION_WARNING_LEVEL`: now for concrete values, at run time under a trace — a host
+    """One [``ConditioningWarning``][gpgrad_jax.ConditioningWarning] per precision when ``eps · max(spread)`` exceeds
+    ``PRECISION_WARNING_LEVEL``: now for concrete values, at run time under a trace — a host
     callback that runs only when the check fails (under ``vmap``, once per call and device)."""
     eps = float(jnp.finfo(dtype).eps)
     if eps * 1e6 < PRECISION_WARNING_LEVEL:
@@ -304,7 +304,7 @@ def value_checks(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any = None)
     who transforms the function with ``checkify``); call this to check a problem's values before
     other code of yours runs, or without computing anything.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from jax.experimental import checkify
         >>> import gpgrad_jax as gg
@@ -395,7 +395,7 @@ def _named_leaves(prefix: str, tree: Any) -> list[tuple[str, Any]]:
 
 def check_finite_output(value: Any) -> None:
     """Under a trace, a non-finite result becomes the ``checkify`` error the eager call raises
-    as :class:`NumericalError` (a no-op when the caller does not use ``checkify``)."""
+    as [``NumericalError``][gpgrad_jax.NumericalError] (a no-op when the caller does not use ``checkify``)."""
     if isinstance(value, jax.core.Tracer):
         _debug_check(
             lambda: jnp.all(jnp.isfinite(value)),

@@ -1,6 +1,6 @@
 """Covariance kernels: pytrees with hand-derived first-argument derivatives.
 
-See :class:`Kernel`.  Compose with ``+`` and ``*``; ``c * k`` scales by a
+See [``Kernel``][gpgrad_jax.kernels.Kernel].  Compose with ``+`` and ``*``; ``c * k`` scales by a
 learnable constant.
 """
 

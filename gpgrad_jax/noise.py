@@ -1,4 +1,4 @@
-"""Noise models, as square roots ``S`` of the noise precision ``Λ = SᵀS``."""
+r"""Noise models, as square roots $S$ of the noise precision $\Lambda = S^\top S$."""
 
 from gpgrad_jax._noise import BlockDiagonal, Dense, Isotropic, Noise, PerPoint
 

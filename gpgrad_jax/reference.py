@@ -3,7 +3,7 @@
 Builds the dense ``S``, ``K ⊗ I_D`` and ``U = I + S (K ⊗ I_D) Sᵀ`` explicitly
 and lets ``jax.grad`` differentiate through ``kernel.evaluate``.  It is the
 baseline the closed form is tested and benchmarked against; use
-:func:`gpgrad_jax.log_marginal_likelihood` in real code.
+``gpgrad_jax.log_marginal_likelihood`` in real code.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from jax.scipy.linalg import cho_solve
 from gpgrad_jax._noise import _rank_mask
 from gpgrad_jax._validation import check_problem
 
-__all__ = ["log_marginal_likelihood", "log_probability"]
+__all__ = ["log_marginal_likelihood", "precision_form_log_likelihood"]
 
 
-def log_marginal_likelihood(kernel, x, y, noise, mean=None):
-    """``L = −½ wᵀU⁻¹w − ½ log|U| − (m/2) log 2π`` by dense linear algebra.
+def precision_form_log_likelihood(kernel, x, y, noise, mean=None):
+    r"""$L = -\tfrac{1}{2} w^\top U^{-1} w - \tfrac{1}{2} \log \lvert U \rvert - \tfrac{m}{2} \log 2\pi$ by dense linear algebra.
 
-    Same arguments and value as :func:`gpgrad_jax.log_marginal_likelihood`;
+    Same arguments and value as [``gpgrad_jax.precision_form_log_likelihood``][gpgrad_jax.precision_form_log_likelihood];
     gradients come from ordinary reverse-mode autodiff.
     """
     x, y, mean = check_problem(kernel, x, y, noise, mean)
@@ -40,12 +40,13 @@ def log_marginal_likelihood(kernel, x, y, noise, mean=None):
     )
 
 
-def log_probability(kernel, x, y, noise, mean=None):
-    """``L + log pdet S + ((m − r)/2) log 2π`` by dense linear algebra.
+def log_marginal_likelihood(kernel, x, y, noise, mean=None):
+    r"""The Gaussian log density of what is observed, $L + \log \operatorname{pdet} S + \frac{m - r}{2} \log 2\pi$,
+    by dense linear algebra: same arguments and value as [``gpgrad_jax.log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood].
 
-    ``log pdet S = ½ log det(SᵀS + P₀)`` with ``P₀`` the projector onto ``S``'s null space (held
+    $\log \operatorname{pdet} S = \tfrac{1}{2} \log \det(S^\top S + P_0)$ with $P_0$ the projector onto $S$'s null space (held
     constant, as the rank is): an independent route to the pseudo-determinant and its
-    gradient, by autodiff through ``slogdet``. The rank is counted on the whole ``S`` (not per
+    gradient, by autodiff through ``slogdet``. The rank is counted on the whole $S$ (not per
     block), which agrees on well-scaled problems.
     """
     x, y, mean = check_problem(kernel, x, y, noise, mean)
@@ -57,5 +58,5 @@ def log_probability(kernel, x, y, noise, mean=None):
     row_space = vh[: singular_values.shape[0]] * keep[:, None]  # rows of Vᵀ with σ > 0, others zero
     null_projector = jnp.eye(s.shape[1], dtype=s.dtype) - row_space.T @ row_space
     log_pdet = 0.5 * jnp.linalg.slogdet(s.T @ s + null_projector)[1]
-    value = log_marginal_likelihood(kernel, x, y, noise, mean)
+    value = precision_form_log_likelihood(kernel, x, y, noise, mean)
     return value + log_pdet + 0.5 * (s.shape[0] - rank) * math.log(2.0 * math.pi)

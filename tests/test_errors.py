@@ -90,16 +90,19 @@ def _call(fn, kernel=CURVE, x=X, y=Y3, noise=PER_POINT, mean=None):
     return fn(kernel, x, y, noise, mean)
 
 
-@pytest.mark.parametrize("fn_name", ["log_marginal_likelihood", "index_gradient", "reference", "jit", "grad"])
+@pytest.mark.parametrize(
+    "fn_name", ["log_marginal_likelihood", "precision_form", "index_gradient", "reference", "jit", "grad"]
+)
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises_a_clear_error(case, fn_name):
     _, overrides, exception, fragments = case
     fn = {
         "log_marginal_likelihood": gg.log_marginal_likelihood,
+        "precision_form": gg.precision_form_log_likelihood,
         "index_gradient": gg.index_gradient,
-        "reference": gg.reference.log_marginal_likelihood,
-        "jit": jax.jit(gg.log_marginal_likelihood),  # shape, dtype and constant checks happen at trace time
-        "grad": jax.grad(gg.log_marginal_likelihood, argnums=0),
+        "reference": gg.reference.precision_form_log_likelihood,
+        "jit": jax.jit(gg.precision_form_log_likelihood),  # shape, dtype and constant checks happen at trace time
+        "grad": jax.grad(gg.precision_form_log_likelihood, argnums=0),
     }[fn_name]
     if fn_name in ("jit", "grad") and case[0] in VALUE_CASES:
         pytest.skip("value checks of traced arguments are the job of value_checks (tested below)")
@@ -120,8 +123,8 @@ def test_integer_indices_and_data_are_promoted_like_jax_numpy(solver, rtol):
     """Frame numbers and integer counts: the same result as the float arrays jnp would make."""
     x, y = np.arange(10), np.arange(10) % 3
     kernel, nz = kernels.Matern32(1.0, 2.0), noise.Isotropic(0.5)
-    got = gg.log_marginal_likelihood(kernel, x, y, nz, mean=np.ones(10, np.int32), solver=solver)
-    want = gg.log_marginal_likelihood(kernel, jnp.asarray(x, float), jnp.asarray(y, float), nz, mean=jnp.ones(10), solver=solver)
+    got = gg.precision_form_log_likelihood(kernel, x, y, nz, mean=np.ones(10, np.int32), solver=solver)
+    want = gg.precision_form_log_likelihood(kernel, jnp.asarray(x, float), jnp.asarray(y, float), nz, mean=jnp.ones(10), solver=solver)
     assert got.dtype == want.dtype == jnp.result_type(float)
     np.testing.assert_allclose(got, want, rtol=rtol)
     mean, _ = gg.predict(kernel, x, y, nz, np.array([2, 7]), solver=solver)
@@ -135,9 +138,9 @@ def test_python_lists_and_scalar_means_are_accepted(solver, rtol):
     x, y = [0.0, 0.5, 1.5, 2.0], [0.1, -0.2, 0.4, 0.3]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = gg.log_marginal_likelihood(kernel, x, y, nz, mean=0.5, solver=solver)
+        got = gg.precision_form_log_likelihood(kernel, x, y, nz, mean=0.5, solver=solver)
         mean, var = gg.predict(kernel, x, y, nz, [0.25, 1.0], mean=0.5, mean_new=0.5, solver=solver)
-    want = gg.log_marginal_likelihood(kernel, jnp.asarray(x), jnp.asarray(y), nz, mean=jnp.full(4, 0.5), solver=solver)
+    want = gg.precision_form_log_likelihood(kernel, jnp.asarray(x), jnp.asarray(y), nz, mean=jnp.full(4, 0.5), solver=solver)
     np.testing.assert_allclose(got, want, rtol=rtol)
     want_mean, want_var = gg.predict(kernel, jnp.asarray(x), jnp.asarray(y), nz, jnp.array([0.25, 1.0]), mean=jnp.full(4, 0.5), mean_new=jnp.full(2, 0.5), solver=solver)
     np.testing.assert_allclose(mean, want_mean, rtol=rtol)
@@ -157,7 +160,7 @@ def test_value_checks_under_jit_with_checkify():
     def loss(x, y, sigma):
         nz = noise.Isotropic(sigma)
         gg.value_checks(CURVE, x, y, nz)
-        return gg.log_marginal_likelihood(CURVE, x, y, nz)
+        return gg.precision_form_log_likelihood(CURVE, x, y, nz)
 
     checked = jax.jit(checkify.checkify(loss, errors=checkify.user_checks))
     error, value = checked(X, Y3, 0.3)
@@ -182,10 +185,10 @@ BREAKDOWN = (
     noise.Isotropic(jnp.float32(1e-3)),
 )
 BREAKDOWN_FUNCTIONS = {
-    "value": gg.log_marginal_likelihood,
-    "log_probability": gg.log_probability,
+    "value": gg.precision_form_log_likelihood,
+    "log_marginal_likelihood": gg.log_marginal_likelihood,
     "index_gradient": gg.index_gradient,
-    "grad": jax.grad(gg.log_marginal_likelihood, argnums=1),
+    "grad": jax.grad(gg.precision_form_log_likelihood, argnums=1),
 }
 
 
@@ -211,20 +214,20 @@ def test_ill_conditioned_but_usable_results_are_returned_with_one_warning():
     args = (kernels.CubicSpline(1.0), x.astype(jnp.float32), jnp.sin(x).astype(jnp.float32), noise.Isotropic(jnp.float32(0.01)))
     _validation._WARNED_CONDITIONING.discard("float32")
     with pytest.warns(gg.ConditioningWarning, match="ill-conditioned for float32"):
-        eager = gg.log_marginal_likelihood(*args, solver="dense")
+        eager = gg.precision_form_log_likelihood(*args, solver="dense")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: no second warning
-        again = gg.log_marginal_likelihood(*args, solver="dense")
-    jitted = jax.jit(functools.partial(gg.log_marginal_likelihood, solver="dense"))(*args)
+        again = gg.precision_form_log_likelihood(*args, solver="dense")
+    jitted = jax.jit(functools.partial(gg.precision_form_log_likelihood, solver="dense"))(*args)
     assert eager == again == jitted
     if jax.config.jax_enable_x64:
-        want = gg.log_marginal_likelihood(kernels.CubicSpline(1.0), x, jnp.sin(x), noise.Isotropic(0.01), solver="dense")
+        want = gg.precision_form_log_likelihood(kernels.CubicSpline(1.0), x, jnp.sin(x), noise.Isotropic(0.01), solver="dense")
         np.testing.assert_allclose(eager, want, rtol=1e-3)
 
 
 def test_value_rules_reach_checkify_without_value_checks():
     def loss(x, y, sigma):
-        return gg.log_marginal_likelihood(CURVE, x, y, noise.Isotropic(sigma))
+        return gg.precision_form_log_likelihood(CURVE, x, y, noise.Isotropic(sigma))
 
     checked = jax.jit(checkify.checkify(loss))
     error, _ = checked(X, Y3, 0.3)
@@ -250,7 +253,7 @@ def test_state_space_overflow_names_the_cause_and_the_remedy(solver):
     rays /= np.linalg.norm(rays, axis=1, keepdims=True)
     blocks = (np.eye(3) - rays[:, :, None] * rays[:, None, :]) * 1e22
     args = (CURVE, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), noise.PerPoint(jnp.asarray(blocks, jnp.float32)))
-    for fn in (gg.log_marginal_likelihood, gg.index_gradient, jax.grad(gg.log_marginal_likelihood, argnums=1)):
+    for fn in (gg.precision_form_log_likelihood, gg.index_gradient, jax.grad(gg.precision_form_log_likelihood, argnums=1)):
         with pytest.raises(gg.NumericalError, match=r"(?s)non-finite result in float32.*overflowed.*float64"):
             fn(*args, solver=solver)
 
@@ -259,15 +262,15 @@ def test_state_space_overflow_names_the_cause_and_the_remedy(solver):
 def test_overflow_of_the_value_says_so():
     y = jnp.array([0.0, 0.0, 1e30], jnp.float32)
     with pytest.raises(gg.NumericalError, match=r"(?s)overflowed float32.*rescale"):
-        gg.log_marginal_likelihood(kernels.ExpSquared(1.0, 1.0), jnp.zeros(3, jnp.float32), y, noise.Isotropic(jnp.float32(1.0)))
+        gg.precision_form_log_likelihood(kernels.ExpSquared(1.0, 1.0), jnp.zeros(3, jnp.float32), y, noise.Isotropic(jnp.float32(1.0)))
 
 
 # --------------------------------------------------------- hard but valid
 
 
 def _agree_with_reference(kernel, x, y, nz, rtol):
-    value, grads = jax.value_and_grad(gg.log_marginal_likelihood, argnums=(0, 1, 2, 3))(kernel, x, y, nz)
-    ref = jax.value_and_grad(gg.reference.log_marginal_likelihood, argnums=(0, 1, 2, 3))(kernel, x, y, nz)
+    value, grads = jax.value_and_grad(gg.precision_form_log_likelihood, argnums=(0, 1, 2, 3))(kernel, x, y, nz)
+    ref = jax.value_and_grad(gg.reference.precision_form_log_likelihood, argnums=(0, 1, 2, 3))(kernel, x, y, nz)
     assert_trees_close((value, grads), ref, rtol, "vs reference")
 
 
@@ -297,8 +300,8 @@ def test_lengthscale_whose_square_underflows_gives_an_exact_white_kernel(kernel_
     """ℓ² underflows and (x_i − x_j)/ℓ² overflows: K must be σ²I and ∂L/∂x exactly 0, not NaN."""
     lengthscale = 1e-200 if x64 else 1e-30
     kernel = kernel_type(1.0, lengthscale)
-    value, grad_x = jax.value_and_grad(gg.log_marginal_likelihood, argnums=1)(kernel, X, Y3, noise.PerPoint(BLOCKS))
-    white = gg.log_marginal_likelihood(kernels.ExpSquared(1.0, 1e-3), X, Y3, noise.PerPoint(BLOCKS))
+    value, grad_x = jax.value_and_grad(gg.precision_form_log_likelihood, argnums=1)(kernel, X, Y3, noise.PerPoint(BLOCKS))
+    white = gg.precision_form_log_likelihood(kernels.ExpSquared(1.0, 1e-3), X, Y3, noise.PerPoint(BLOCKS))
     np.testing.assert_allclose(value, white, rtol=1e-6)
     np.testing.assert_array_equal(grad_x, np.zeros(N))
 
@@ -362,8 +365,8 @@ def arbitrary_calls(draw):
 def test_fuzz_public_functions_return_finite_or_raise_documented_errors(call, fn):
     kernel, x, y, nz, mean = call
     target = {
-        "value": gg.log_marginal_likelihood,
-        "grad": jax.grad(gg.log_marginal_likelihood, argnums=(0, 1, 3)),
+        "value": gg.precision_form_log_likelihood,
+        "grad": jax.grad(gg.precision_form_log_likelihood, argnums=(0, 1, 3)),
         "index_gradient": gg.index_gradient,
     }[fn]
     try:

@@ -68,7 +68,7 @@ def _as(dtype, kernel, x, y, blocks):
 
 @functools.cache
 def _value_and_grad(solver):
-    return jax.jit(jax.value_and_grad(functools.partial(gg.log_marginal_likelihood, solver=solver), argnums=1))
+    return jax.jit(jax.value_and_grad(functools.partial(gg.precision_form_log_likelihood, solver=solver), argnums=1))
 
 
 def float32_errors(problem, solver):
@@ -154,7 +154,7 @@ def test_data_spanning_more_than_float32_resolves_warn():
     with pytest.warns(
         gg.ConditioningWarning, match=r"float32 resolves this state-space problem to about .* pass a `mean`"
     ):
-        gg.log_marginal_likelihood(*_as(jnp.float32, *problem), solver="markov")
+        gg.precision_form_log_likelihood(*_as(jnp.float32, *problem), solver="markov")
 
 
 def test_a_mean_close_to_the_data_removes_the_warning():
@@ -167,8 +167,8 @@ def test_a_mean_close_to_the_data_removes_the_warning():
     _validation._WARNED_CONDITIONING.discard("state-space float32")
     with warnings.catch_warnings():
         warnings.simplefilter("error", gg.ConditioningWarning)
-        grad = jax.grad(gg.log_marginal_likelihood, argnums=1)(*args, jnp.asarray(mean, jnp.float32), solver="markov")
-    reference = jax.grad(gg.log_marginal_likelihood, argnums=1)(
+        grad = jax.grad(gg.precision_form_log_likelihood, argnums=1)(*args, jnp.asarray(mean, jnp.float32), solver="markov")
+    reference = jax.grad(gg.precision_form_log_likelihood, argnums=1)(
         *_as(jnp.float64, kernel, x, y, blocks), jnp.asarray(np.asarray(mean, np.float32), jnp.float64)
     )
     assert np.linalg.norm(np.asarray(grad, np.float64) - reference) <= 1e-4 * np.linalg.norm(reference)

@@ -31,7 +31,9 @@ def value_and_grads(fn, *args):
 
 @jax.jit
 def closed_form_and_reference(*args):
-    """One compilation per shape: custom VJP, explicit formula and reference together."""
+    """One compilation per shape: custom VJP, explicit formula and reference together — of the
+    public ``log_marginal_likelihood`` (the density: the precision form's rule plus the noise
+    term's), against autodiff of the dense reference density."""
     return (
         value_and_grads(gg.log_marginal_likelihood, *args),
         gg.index_gradient(*args),
@@ -58,7 +60,7 @@ def test_matches_plain_autodiff(kernel_name, noise_kind, seed, dim, index_dim, r
 
 
 # Module level: one compilation per structure, not one per hypothesis example.
-_GRAD_X = jax.jit(jax.grad(gg.log_marginal_likelihood, argnums=1))
+_GRAD_X = jax.jit(jax.grad(gg.precision_form_log_likelihood, argnums=1))
 
 
 def _central_difference(f, x, eps):
@@ -82,7 +84,7 @@ def test_index_gradient_matches_finite_differences(kernel_name, noise_kind, seed
         pytest.skip("finite differences need float64")
     problem = make_problem(kernel_name, noise_kind, seed, dim, index_dim, n=4)
     kernel, x, y, nz, mean = problem.args()
-    value = jax.jit(gg.log_marginal_likelihood)
+    value = jax.jit(gg.precision_form_log_likelihood)
     numeric = _central_difference(lambda x_: float(value(kernel, x_, y, nz, mean)), x, 1e-6)
     grad_x = _GRAD_X(kernel, x, y, nz, mean)
     np.testing.assert_allclose(grad_x, numeric, rtol=1e-6, atol=1e-6 * max(1.0, np.abs(numeric).max()))
@@ -97,8 +99,8 @@ def test_kernel_parameter_gradient_matches_finite_differences(kernel_name, seed,
     problem = make_problem(kernel_name, "per_point", seed, dim, index_dim, n=4)
     kernel, x, y, nz, mean = problem.args()
     leaves, treedef = jax.tree_util.tree_flatten(kernel)
-    value = jax.jit(gg.log_marginal_likelihood)
-    grads = jax.tree_util.tree_leaves(jax.grad(gg.log_marginal_likelihood)(kernel, x, y, nz, mean))
+    value = jax.jit(gg.precision_form_log_likelihood)
+    grads = jax.tree_util.tree_leaves(jax.grad(gg.precision_form_log_likelihood)(kernel, x, y, nz, mean))
     for i, leaf in enumerate(leaves):
 
         def at(leaf_value, i=i):
@@ -123,12 +125,12 @@ def test_coincident_indices_give_finite_exact_gradients(kernel_name, pattern, x6
     else:
         x[:] = x[2]
     x = jnp.asarray(x)
-    grad_x = jax.grad(gg.log_marginal_likelihood, argnums=1)(kernel, x, y, nz, mean)
+    grad_x = jax.grad(gg.precision_form_log_likelihood, argnums=1)(kernel, x, y, nz, mean)
     assert np.all(np.isfinite(grad_x))
     _, explicit = gg.index_gradient(kernel, x, y, nz, mean)
     np.testing.assert_allclose(explicit, grad_x, rtol=1e-9 if x64 else 1e-5, atol=1e-9 if x64 else 1e-4)
     if x64:
-        value = jax.jit(gg.log_marginal_likelihood)
+        value = jax.jit(gg.precision_form_log_likelihood)
         numeric = _central_difference(lambda x_: float(value(kernel, x_, y, nz, mean)), x, 1e-6)
         np.testing.assert_allclose(grad_x, numeric, rtol=1e-5, atol=1e-6)
 
@@ -140,11 +142,11 @@ def test_vmap_over_data_sets_and_index_sets(kernel_name, noise_kind, rtol):
     xs = jnp.stack([p.x for p in problems])
     ys = jnp.stack([p.y for p in problems])
     batched = jax.jit(
-        jax.vmap(jax.value_and_grad(gg.log_marginal_likelihood, argnums=1), in_axes=(None, 0, 0, None, None))
+        jax.vmap(jax.value_and_grad(gg.precision_form_log_likelihood, argnums=1), in_axes=(None, 0, 0, None, None))
     )
     values, grads = batched(kernel, xs, ys, nz, mean)
     for i in range(3):
-        ref_value, ref_grad = jax.value_and_grad(gg.reference.log_marginal_likelihood, argnums=1)(
+        ref_value, ref_grad = jax.value_and_grad(gg.reference.precision_form_log_likelihood, argnums=1)(
             kernel, xs[i], ys[i], nz, mean
         )
         assert_trees_close((values[i], grads[i]), (ref_value, ref_grad), rtol, f"batch {i}")
@@ -158,11 +160,11 @@ def test_vmap_over_noise_and_kernel_parameters(rtol):
 
     def f(variance, blocks):
         k = kernels.CubicSpline(variance) + kernels.Linear(0.3)
-        return gg.log_marginal_likelihood(k, x, y, noise.PerPoint(blocks), mean)
+        return gg.precision_form_log_likelihood(k, x, y, noise.PerPoint(blocks), mean)
 
     def f_ref(variance, blocks):
         k = kernels.CubicSpline(variance) + kernels.Linear(0.3)
-        return gg.reference.log_marginal_likelihood(k, x, y, noise.PerPoint(blocks), mean)
+        return gg.reference.precision_form_log_likelihood(k, x, y, noise.PerPoint(blocks), mean)
 
     got = jax.vmap(jax.grad(f, argnums=(0, 1)))(variances, blocks)
     want = jax.vmap(jax.grad(f_ref, argnums=(0, 1)))(variances, blocks)
@@ -174,8 +176,8 @@ def test_second_derivatives_equal_reference_hessian(x64):
     pure forward mode (jax.jvp of L) is unavailable through a custom_vjp and says so."""
     problem = make_problem("curve", "per_point_rank_deficient", 11, 3, None, n=5)
     kernel, x, y, nz, mean = problem.args()
-    f = lambda x_: gg.log_marginal_likelihood(kernel, x_, y, nz, mean)  # noqa: E731
-    f_ref = lambda x_: gg.reference.log_marginal_likelihood(kernel, x_, y, nz, mean)  # noqa: E731
+    f = lambda x_: gg.precision_form_log_likelihood(kernel, x_, y, nz, mean)  # noqa: E731
+    f_ref = lambda x_: gg.reference.precision_form_log_likelihood(kernel, x_, y, nz, mean)  # noqa: E731
     hess = jax.jit(jax.jacrev(jax.grad(f)))(x)
     np.testing.assert_allclose(hess, jax.jit(jax.hessian(f_ref))(x), rtol=1e-8 if x64 else 2e-3, atol=1e-8 if x64 else 1e-3)
     np.testing.assert_allclose(hess, hess.T, rtol=1e-8 if x64 else 1e-3, atol=1e-10 if x64 else 1e-3)
@@ -189,7 +191,7 @@ def test_float32_agrees_with_float64_on_a_well_scaled_problem(x64):
     if not x64:
         pytest.skip("needs float64 for the comparison")
     problem = make_problem("curve", "per_point_rank_deficient", 5, 3, None, n=20)
-    value_and_grad = jax.jit(jax.value_and_grad(gg.log_marginal_likelihood, argnums=1))
+    value_and_grad = jax.jit(jax.value_and_grad(gg.precision_form_log_likelihood, argnums=1))
     value64, grad64 = value_and_grad(*problem.args())
     value32, grad32 = value_and_grad(
         *problem.astype(jnp.float32).args()
@@ -202,7 +204,7 @@ def test_float32_agrees_with_float64_on_a_well_scaled_problem(x64):
 def test_no_cubic_or_lifted_temporaries_in_the_gradient():
     """The gradient never forms an n×n×n tensor, and Isotropic noise never an (nD)×(nD) one."""
     problem = make_problem("curve", "isotropic", 1, 3, None, n=7)
-    shapes = jaxpr_shapes(jax.grad(gg.log_marginal_likelihood, argnums=(0, 1, 2, 3, 4)), *problem.args())
+    shapes = jaxpr_shapes(jax.grad(gg.precision_form_log_likelihood, argnums=(0, 1, 2, 3, 4)), *problem.args())
     assert (7, 7) in shapes
     assert not any(len(s) >= 3 and s.count(7) >= 3 for s in shapes), shapes
     assert (21, 21) not in shapes, "Isotropic noise must not build the lifted (nD x nD) matrix"
@@ -211,7 +213,7 @@ def test_no_cubic_or_lifted_temporaries_in_the_gradient():
 def test_gradients_are_not_silently_zero():
     """Every input of a generic problem gets a non-zero cotangent."""
     problem = make_problem("exp_squared", "dense", 2, 3, 2)
-    grads = jax.grad(gg.log_marginal_likelihood, argnums=ALL_ARGS)(*problem.args())
+    grads = jax.grad(gg.precision_form_log_likelihood, argnums=ALL_ARGS)(*problem.args())
     for leaf in jax.tree_util.tree_leaves(grads):
         assert np.any(np.asarray(leaf) != 0)
 
@@ -219,10 +221,10 @@ def test_gradients_are_not_silently_zero():
 def test_one_dimensional_data_accepts_vector_or_column_shapes(rtol):
     problem = make_problem("curve", "per_point", 4, 1, None)
     kernel, x, y, nz, mean = problem.args()
-    as_vector = gg.log_marginal_likelihood(kernel, x, y, nz, mean)
-    as_column = gg.log_marginal_likelihood(
+    as_vector = gg.precision_form_log_likelihood(kernel, x, y, nz, mean)
+    as_column = gg.precision_form_log_likelihood(
         kernel, x, y[:, None], noise.PerPoint(jnp.reshape(nz.blocks, (-1, 1, 1))), mean[:, None]
     )
     np.testing.assert_allclose(as_vector, as_column, rtol=rtol)
-    grad = jax.grad(gg.log_marginal_likelihood, argnums=2)(kernel, x, y, nz, mean)
+    grad = jax.grad(gg.precision_form_log_likelihood, argnums=2)(kernel, x, y, nz, mean)
     assert grad.shape == y.shape

@@ -33,8 +33,8 @@ ALL_ARGS = (0, 1, 2, 3, 4)  # kernel, x, y, noise, mean
 MARKOV_SOLVERS = ("markov", "markov-parallel")
 
 
-def _value_and_grads(solver, *args):
-    fn = functools.partial(gg.log_marginal_likelihood, solver=solver)
+def _value_and_grads(solver, *args, of=gg.log_marginal_likelihood):
+    fn = functools.partial(of, solver=solver)
     return jax.value_and_grad(fn, argnums=ALL_ARGS)(*args)
 
 
@@ -93,7 +93,7 @@ def _forced_form_against_dense(parallel, square_root, *args):
     return (
         jax.value_and_grad(value, argnums=ALL_ARGS)(*args),
         explicit(*args),
-        _value_and_grads("dense", *args),
+        _value_and_grads("dense", *args, of=gg.precision_form_log_likelihood),  # the solvers compute L
     )
 
 
@@ -207,8 +207,8 @@ def _central_difference(f, x, eps=1e-6):
 
 
 # Module level: one compilation per structure, not one per hypothesis example.
-_MARKOV_VALUE = jax.jit(functools.partial(gg.log_marginal_likelihood, solver="markov"))
-_MARKOV_GRAD = jax.jit(jax.grad(functools.partial(gg.log_marginal_likelihood, solver="markov"), argnums=(0, 1)))
+_MARKOV_VALUE = jax.jit(functools.partial(gg.precision_form_log_likelihood, solver="markov"))
+_MARKOV_GRAD = jax.jit(jax.grad(functools.partial(gg.precision_form_log_likelihood, solver="markov"), argnums=(0, 1)))
 
 
 @pytest.mark.parametrize("kernel_name", ["curve", "scaled_sum"])
@@ -275,22 +275,22 @@ def test_vmap_and_jit(x64):
     kernel, _, _, nz, mean = problems[0].args()
     xs = jnp.stack([p.x for p in problems])
     ys = jnp.stack([p.y for p in problems])
-    f = functools.partial(gg.log_marginal_likelihood, solver="markov")
+    f = functools.partial(gg.precision_form_log_likelihood, solver="markov")
     batched = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=1), in_axes=(None, 0, 0, None, None)))(
         kernel, xs, ys, nz, mean
     )
     for i in range(3):
-        want = jax.value_and_grad(gg.log_marginal_likelihood, argnums=1)(kernel, xs[i], ys[i], nz, mean, solver="dense")
+        want = jax.value_and_grad(gg.precision_form_log_likelihood, argnums=1)(kernel, xs[i], ys[i], nz, mean, solver="dense")
         assert_trees_close((batched[0][i], batched[1][i]), want, 1e-9 if x64 else 2e-3, f"batch {i}")
 
 
 @pytest.mark.slow  # differentiating the smoother's rule compiles for 5 s on CPU
 def test_second_derivatives(x64):
     kernel, x, y, nz, mean = make_markov_problem("curve", "per_point_rank_deficient", 0, 3).args()
-    f = functools.partial(gg.log_marginal_likelihood, solver="markov")
+    f = functools.partial(gg.precision_form_log_likelihood, solver="markov")
     # Forward over reverse, as jax.hessian does: it compiles in half the time of reverse over reverse.
     hessian = jax.jit(jax.jacfwd(jax.grad(lambda x_: f(kernel, x_, y, nz, mean))))(x)
-    reference = jax.jit(jax.hessian(lambda x_: gg.reference.log_marginal_likelihood(kernel, x_, y, nz, mean)))(x)
+    reference = jax.jit(jax.hessian(lambda x_: gg.reference.precision_form_log_likelihood(kernel, x_, y, nz, mean)))(x)
     np.testing.assert_allclose(hessian, reference, rtol=1e-7 if x64 else 2e-2, atol=1e-7 if x64 else 2e-2)
 
 
@@ -298,7 +298,7 @@ def test_markov_forms_no_n_by_n_array():
     """O(n) memory: nothing in the value-and-gradient has two axes of length n."""
     n = 40
     kernel, x, y, nz, mean = make_markov_problem("scaled_sum", "per_point_rank_deficient", 1, 3, n=n).args()
-    f = functools.partial(gg.log_marginal_likelihood, solver="markov")
+    f = functools.partial(gg.precision_form_log_likelihood, solver="markov")
     shapes = jaxpr_shapes(jax.grad(f, argnums=ALL_ARGS), kernel, x, y, nz, mean)
     assert any(n in s for s in shapes)
     assert not any(s.count(n) >= 2 for s in shapes), sorted(s for s in shapes if s.count(n) >= 2)
@@ -318,7 +318,7 @@ def test_float32_long_curve_is_close_to_float64(x64):
     rays /= np.linalg.norm(rays, axis=1, keepdims=True)
     blocks = (np.eye(3) - rays[:, :, None] * rays[:, None, :]) / 0.1
     kernel = kernels.CubicSpline(1.0) + kernels.Linear(1.0) + kernels.Constant(1.0)
-    f = jax.jit(jax.value_and_grad(functools.partial(gg.log_marginal_likelihood, solver="markov"), argnums=1))
+    f = jax.jit(jax.value_and_grad(functools.partial(gg.precision_form_log_likelihood, solver="markov"), argnums=1))
     results = {}
     for dtype in (jnp.float32, jnp.float64):
         cast = functools.partial(jnp.asarray, dtype=dtype)
@@ -359,20 +359,20 @@ def test_float32_long_curve_is_close_to_float64(x64):
 @pytest.mark.parametrize("solver", MARKOV_SOLVERS)
 def test_markov_solver_refuses_what_it_cannot_do(kernel, nz, x, fragment, solver):
     y = jnp.zeros(5)
-    for fn in (gg.log_marginal_likelihood, gg.index_gradient):
+    for fn in (gg.precision_form_log_likelihood, gg.index_gradient):
         with pytest.raises(ValueError, match=f"solver='{solver}'") as info:
             fn(kernel, x, y, nz, solver=solver)
         assert fragment in str(info.value)
     # "auto" falls back to the dense solver instead.
-    auto = gg.log_marginal_likelihood(kernel, x, y, nz)
-    np.testing.assert_allclose(auto, gg.log_marginal_likelihood(kernel, x, y, nz, solver="dense"))
+    auto = gg.precision_form_log_likelihood(kernel, x, y, nz)
+    np.testing.assert_allclose(auto, gg.precision_form_log_likelihood(kernel, x, y, nz, solver="dense"))
 
 
 def test_unknown_solver_name():
     with pytest.raises(
         ValueError, match="`solver` must be one of 'auto', 'dense', 'markov', 'markov-parallel'; got 'kalman'"
     ):
-        gg.log_marginal_likelihood(
+        gg.precision_form_log_likelihood(
             kernels.Matern32(1.0, 1.0), jnp.ones(3), jnp.ones(3), noise.Isotropic(1.0), solver="kalman"
         )
 

@@ -44,7 +44,8 @@ def test_compiled_state_space_solvers_call_no_lapack(solver, kernel_name, noise_
     key = jax.random.key(0)
     programs = {
         "value": (functools.partial(gg.log_marginal_likelihood, solver=solver), kernel, x, y, nz, mean),
-        "cotangents": (
+        "precision form": (functools.partial(gg.precision_form_log_likelihood, solver=solver), kernel, x, y, nz, mean),
+        "cotangents": (  # the solver's rule and the noise term's (the Jacobi SVD of the blocks)
             jax.grad(functools.partial(gg.log_marginal_likelihood, solver=solver), argnums=(0, 1, 2, 3, 4)),
             kernel,
             x,

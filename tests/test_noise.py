@@ -33,7 +33,7 @@ def test_per_point_from_covariance_is_the_gaussian_with_that_covariance(x64):
     kernel = kernels.Matern32(1.0, 1.0)
     cov = jnp.kron(kernel.matrix(x, x), jnp.eye(D)) + jax.scipy.linalg.block_diag(*covariance)
     want = jax.scipy.stats.multivariate_normal.logpdf(y.reshape(-1), jnp.zeros(N * D), cov)
-    np.testing.assert_allclose(gg.log_probability(kernel, x, y, nz), want, rtol=1e-9 if x64 else 1e-4)
+    np.testing.assert_allclose(gg.log_marginal_likelihood(kernel, x, y, nz), want, rtol=1e-9 if x64 else 1e-4)
     variances = noise.PerPoint.from_covariance(jnp.array([0.25, 1.0, 4.0]))
     np.testing.assert_allclose(variances.blocks.reshape(-1), [2.0, 1.0, 0.5], rtol=1e-6)
 
@@ -82,7 +82,7 @@ def test_from_projection_is_pixel_noise_seen_through_the_cameras():
         np.testing.assert_allclose(
             np.swapaxes(blocks, 1, 2) @ blocks, np.swapaxes(j, 1, 2) @ j / sigma**2, rtol=1e-4, atol=1e-6 * np.abs(j).max() ** 2
         )
-        _, ranks = log_pseudo_determinants(nz.blocks)  # the rank log_probability counts
+        _, ranks = log_pseudo_determinants(nz.blocks)  # the rank log_marginal_likelihood counts
         np.testing.assert_array_equal(ranks, rank)
     ray = np.asarray(points[0]) - center_a
     np.testing.assert_allclose(np.asarray(noise.PerPoint.from_projection(one, sigma).blocks[0]) @ ray, 0.0, atol=1e-4 * np.linalg.norm(ray) * np.abs(blocks).max())

@@ -65,7 +65,7 @@ def _per_problem(solver):
     x_new = jnp.linspace(0.0, 3.0, 5)
 
     def one(kernel, x, y, nz, mean):
-        value_grads = jax.value_and_grad(gg.log_marginal_likelihood, argnums=(0, 1, 2, 3, 4))(
+        value_grads = jax.value_and_grad(gg.precision_form_log_likelihood, argnums=(0, 1, 2, 3, 4))(
             kernel, x, y, nz, mean, solver=solver
         )
         index = gg.index_gradient(kernel, x, y, nz, mean, solver=solver)
@@ -123,7 +123,7 @@ def test_optax_step_on_a_sharded_batch(x64):
 
     def loss(params, y, nz, mean):
         kernel, x = params
-        values = jax.vmap(gg.log_marginal_likelihood, in_axes=(None, 0, 0, 0, 0))(kernel, x, y, nz, mean)
+        values = jax.vmap(gg.precision_form_log_likelihood, in_axes=(None, 0, 0, 0, 0))(kernel, x, y, nz, mean)
         return -jnp.sum(values)
 
     @jax.jit
@@ -154,7 +154,7 @@ def test_explicit_mesh_axes(x64):
     kernel, x, y, nz, mean = _batch("per_point_rank_deficient")
     mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
     batched = jax.device_put((x, y, nz, mean), NamedSharding(mesh, P("batch")))
-    vmapped = jax.vmap(jax.value_and_grad(gg.log_marginal_likelihood, argnums=(0, 1)), in_axes=(None, 0, 0, 0, 0))
+    vmapped = jax.vmap(jax.value_and_grad(gg.precision_form_log_likelihood, argnums=(0, 1)), in_axes=(None, 0, 0, 0, 0))
     with jax.set_mesh(mesh):
         recipe = jax.jit(jax.sharding.auto_axes(vmapped, out_sharding=P("batch")))
         assert _collectives(recipe.lower(kernel, *batched).compile()) == {}
@@ -183,7 +183,7 @@ def test_dense_solver_across_devices_maps_within_each(x64):
     mesh = _mesh()
 
     def one(x, y, nz, mean):  # in x only: the shared kernel's cotangent would be summed over devices
-        return jax.value_and_grad(gg.log_marginal_likelihood, argnums=1)(kernel, x, y, nz, mean, solver="dense")
+        return jax.value_and_grad(gg.precision_form_log_likelihood, argnums=1)(kernel, x, y, nz, mean, solver="dense")
 
     mapped = jax.jit(
         jax.shard_map(

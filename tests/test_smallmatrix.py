@@ -114,3 +114,39 @@ def test_semidefinite_cholesky_and_zero_rows_have_finite_derivatives():
         jax.jacfwd(lambda a: sm.triangularize(a, 2)),
     ):
         assert bool(jnp.all(jnp.isfinite(derivative(x))))
+
+
+@pytest.mark.float32
+@pytest.mark.parametrize("shape", [(3, 3), (2, 2), (4, 3), (2, 5)])
+@settings(max_examples=min(4, settings.default.max_examples))
+@given(seed=seeds)
+def test_jacobi_singular_values_and_ranks_match_lapack(shape, seed, x64):
+    """The noise blocks' pseudo-determinant without LAPACK: ``A V = W`` with orthogonal ``V``
+    and orthogonal columns of ``W``; their norms are LAPACK's singular values, and the rank
+    tolerance counts the same ranks — for full, rank-deficient (projections ``(I − rrᵀ)/σ``,
+    rank 1) and zero blocks."""
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if x64 else np.float32
+    eps = np.finfo(dtype).eps
+    m, d = shape
+    full = rng.normal(size=(60, m, d))
+    ray = rng.normal(size=(60, d, 1))
+    ray /= np.linalg.norm(ray, axis=1, keepdims=True)
+    projection = np.eye(d) - ray @ np.swapaxes(ray, 1, 2)  # rank d − 1; rows repeated for m > d
+    projection = np.concatenate([projection, projection], axis=1)[:, :m] / rng.uniform(0.01, 1.0, (60, 1, 1))
+    rank_one = rng.normal(size=(60, m, 1)) @ rng.normal(size=(60, 1, d))
+    blocks = np.concatenate([full, projection, rank_one, np.zeros((5, m, d))]).astype(dtype)
+    w, v = jax.jit(sm.orthogonalize_columns)(jnp.asarray(blocks))
+    w, v = np.asarray(w, np.float64), np.asarray(v, np.float64)
+    scale = np.maximum(np.abs(blocks).max(axis=(1, 2), keepdims=True), 1e-30).astype(np.float64)
+    assert np.max(np.abs(blocks @ v - w) / scale) < 50 * eps
+    assert np.max(np.abs(np.swapaxes(v, 1, 2) @ v - np.eye(d))) < 50 * eps
+    gram = np.swapaxes(w, 1, 2) @ w
+    off = gram - np.einsum("bii->bi", gram)[..., None] * np.eye(d)
+    assert np.max(np.abs(off) / scale**2) < 50 * eps
+    ours = np.sort(np.linalg.norm(w, axis=1), axis=1)[:, ::-1][:, : min(m, d)]
+    lapack = np.linalg.svd(blocks.astype(np.float64), compute_uv=False)
+    assert np.max(np.abs(ours - lapack) / scale[:, 0]) < 50 * eps
+    tolerance = lambda s: s[:, :1] * max(m, d) * eps  # noqa: E731  the library's rank tolerance
+    lapack_own = np.linalg.svd(blocks, compute_uv=False)
+    np.testing.assert_array_equal((ours > tolerance(ours)).sum(1), (lapack_own > tolerance(lapack_own)).sum(1))

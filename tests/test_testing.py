@@ -103,15 +103,15 @@ def test_custom_kernels_differentiate_jit_compose_and_train_with_optax(rtol):
     y = jnp.stack([jnp.sin(2 * x), jnp.cos(2 * x)], axis=1)
     nz = noise.Isotropic(0.2)
     kernel = Periodic(1.0, 1.2) + kernels.Matern32(0.5, 1.0)
-    grads = jax.jit(jax.grad(gg.log_marginal_likelihood, argnums=(0, 1)))(kernel, x, y, nz)
-    want = jax.grad(gg.reference.log_marginal_likelihood, argnums=(0, 1))(kernel, x, y, nz)
+    grads = jax.jit(jax.grad(gg.precision_form_log_likelihood, argnums=(0, 1)))(kernel, x, y, nz)
+    want = jax.grad(gg.reference.precision_form_log_likelihood, argnums=(0, 1))(kernel, x, y, nz)
     assert_trees_close(grads, want, rtol, "custom kernel")
     assert isinstance(grads[0].k1, Periodic) and grads[0].k1.period != 0
     with pytest.raises(ValueError, match="Periodic has no state-space form"):
-        gg.log_marginal_likelihood(kernel, x, y, nz, solver="markov")
+        gg.precision_form_log_likelihood(kernel, x, y, nz, solver="markov")
 
     optimizer = optax.adam(0.01)  # small steps: plain (not log) parameters stay positive
-    loss = lambda k: -gg.log_probability(k, x, y, nz)  # noqa: E731
+    loss = lambda k: -gg.log_marginal_likelihood(k, x, y, nz)  # noqa: E731
 
     @jax.jit
     def step(kernel, state):
@@ -134,8 +134,8 @@ def test_register_refuses_what_is_not_a_kernel():
 @settings(max_examples=min(4, settings.default.max_examples))
 @given(testing.problems(n=5, dim=3))
 def test_generated_problems_are_valid_and_the_rule_matches_autodiff(problem):
-    value, grads = jax.value_and_grad(gg.log_marginal_likelihood, argnums=(0, 1))(*problem)
-    want_value, want_grads = jax.value_and_grad(gg.reference.log_marginal_likelihood, argnums=(0, 1))(*problem)
+    value, grads = jax.value_and_grad(gg.precision_form_log_likelihood, argnums=(0, 1))(*problem)
+    want_value, want_grads = jax.value_and_grad(gg.reference.precision_form_log_likelihood, argnums=(0, 1))(*problem)
     rtol = 1e-8 if jax.config.jax_enable_x64 else 1e-2
     assert_trees_close((value, grads), (want_value, want_grads), rtol, "generated problem")
 
@@ -143,6 +143,39 @@ def test_generated_problems_are_valid_and_the_rule_matches_autodiff(problem):
 @settings(max_examples=min(3, settings.default.max_examples))
 @given(testing.problems(n=6, markov=True))
 def test_generated_markov_problems_fit_the_markov_solver(problem):
-    dense = gg.log_marginal_likelihood(*problem, solver="dense")
-    markov = gg.log_marginal_likelihood(*problem, solver="markov")
+    dense = gg.precision_form_log_likelihood(*problem, solver="dense")
+    markov = gg.precision_form_log_likelihood(*problem, solver="markov")
     np.testing.assert_allclose(markov, dense, rtol=1e-8 if jax.config.jax_enable_x64 else 1e-3)
+
+
+_WITHOUT_HYPOTHESIS = """
+import importlib.abc, sys
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hypothesis" or name.startswith("hypothesis."):
+            raise ImportError("hidden for this test: " + name)
+
+sys.meta_path.insert(0, Hide())
+import jax.numpy as jnp
+from gpgrad_jax import kernels, testing
+
+testing.check_kernel(kernels.Matern32(1.0, 0.7), jnp.linspace(0.0, 2.0, 5))
+try:
+    testing.problems
+except ImportError as err:
+    assert "needs hypothesis" in str(err) and "check_kernel does not" in str(err), err
+else:
+    raise AssertionError("the strategies imported without hypothesis")
+print("ok")
+"""
+
+
+def test_check_kernel_works_without_hypothesis():
+    """``check_kernel`` is a plain function; only the strategies need ``hypothesis``, and asking
+    for one without it names the package."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_HYPOTHESIS], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -1,4 +1,6 @@
-"""``log_probability``: the Gaussian density of what is observed, and safe noise learning."""
+"""``log_marginal_likelihood``: the Gaussian density of what is observed (every solver, against
+``multivariate_normal.logpdf`` and an independent dense route), and safe noise learning; the
+precision form ``L`` differs by a noise-only term."""
 
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ ALL_ARGS = (0, 1, 2, 3, 4)  # kernel, x, y, noise, mean
 @functools.partial(jax.jit, static_argnums=0)
 def closed_form_and_reference(solver, *args):
     return (
-        jax.value_and_grad(functools.partial(gg.log_probability, solver=solver), argnums=ALL_ARGS)(*args),
-        jax.value_and_grad(gg.reference.log_probability, argnums=ALL_ARGS)(*args),
+        jax.value_and_grad(functools.partial(gg.log_marginal_likelihood, solver=solver), argnums=ALL_ARGS)(*args),
+        jax.value_and_grad(gg.reference.log_marginal_likelihood, argnums=ALL_ARGS)(*args),
     )
 
 
@@ -82,8 +84,44 @@ def test_invertible_precision_gives_the_gaussian_log_likelihood(noise_kind, seed
     cov = jnp.kron(kernel.matrix(x, x), jnp.eye(dim)) + jnp.linalg.inv(s.T @ s)
     expected = _gaussian((y - mean).reshape(-1), cov)
     rtol = 1e-9 if x64 else 1e-3
-    np.testing.assert_allclose(gg.log_probability(kernel, x, y, nz, mean), expected, rtol=rtol)
-    assert abs(gg.log_marginal_likelihood(kernel, x, y, nz, mean) - expected) > 1e-3 * abs(expected)
+    solvers = ["dense"] if noise_kind.startswith("dense") else ["dense", "markov"]
+    for solver in solvers:
+        got = gg.log_marginal_likelihood(kernel, x, y, nz, mean, solver=solver)
+        np.testing.assert_allclose(got, expected, rtol=rtol, err_msg=solver)
+    assert abs(gg.precision_form_log_likelihood(kernel, x, y, nz, mean) - expected) > 1e-3 * abs(expected)
+
+
+@pytest.mark.slow  # the associative scans compile slowly on CPU
+@pytest.mark.parametrize("noise_kind", ["isotropic", "per_point"])
+def test_the_parallel_solver_gives_the_gaussian_log_likelihood(noise_kind, x64):
+    problem = make_markov_problem("scaled_sum", noise_kind, 2, 3)
+    kernel, x, y, nz, mean = problem.args()
+    n, dim = y.shape
+    s = nz.dense_matrix(n, dim)
+    cov = jnp.kron(kernel.matrix(x, x), jnp.eye(dim)) + jnp.linalg.inv(s.T @ s)
+    expected = _gaussian((y - mean).reshape(-1), cov)
+    got = gg.log_marginal_likelihood(kernel, x, y, nz, mean, solver="markov-parallel")
+    np.testing.assert_allclose(got, expected, rtol=1e-9 if x64 else 1e-3)
+
+
+@pytest.mark.float32
+@pytest.mark.parametrize("solver", ["dense", "markov"])
+@pytest.mark.parametrize("noise_kind", ["isotropic", "per_point_rank_deficient"])
+def test_the_precision_form_has_the_same_index_and_kernel_gradient(solver, noise_kind, rtol):
+    """``L`` and the density differ by a noise-only term: the same gradient in ``x``, the kernel,
+    ``y`` and the mean, a different one in the noise; ``index_gradient`` returns the density's
+    value."""
+    kernel, x, y, nz, mean = make_markov_problem("curve", noise_kind, 3, 3).args()
+    grad = functools.partial(jax.grad, argnums=(0, 1, 2, 3, 4))
+    density = grad(functools.partial(gg.log_marginal_likelihood, solver=solver))(kernel, x, y, nz, mean)
+    precision = grad(functools.partial(gg.precision_form_log_likelihood, solver=solver))(kernel, x, y, nz, mean)
+    for name, a, b in zip(("kernel", "x", "y", "mean"), density[:3] + density[4:], precision[:3] + precision[4:]):
+        assert_trees_close(a, b, rtol, f"d/d{name}")
+    noise_leaves = zip(jax.tree_util.tree_leaves(density[3]), jax.tree_util.tree_leaves(precision[3]))
+    assert not all(np.allclose(a, b) for a, b in noise_leaves), "the noise gradients must differ"
+    value, grad_x = gg.index_gradient(kernel, x, y, nz, mean, solver=solver)
+    assert_trees_close(value, gg.log_marginal_likelihood(kernel, x, y, nz, mean, solver=solver), rtol, "value")
+    assert_trees_close(grad_x, density[1], rtol, "index_gradient")
 
 
 @pytest.mark.float32
@@ -111,7 +149,7 @@ def test_rank_deficient_blocks_give_the_density_of_the_observed_coordinates(solv
     cov = basis @ prior @ basis.T + np.diag(np.array(scales) ** -2.0)
     residual = np.asarray(y - mean, np.float64).reshape(-1)
     expected = _gaussian(jnp.asarray(basis @ residual), jnp.asarray(cov))
-    got = gg.log_probability(kernel, x, y, nz, mean, solver=solver)
+    got = gg.log_marginal_likelihood(kernel, x, y, nz, mean, solver=solver)
     np.testing.assert_allclose(got, expected, rtol=1e-9 if x64 else 1e-4)
     assert len(scales) < n * dim  # the problem was rank deficient
 
@@ -140,7 +178,7 @@ def test_noise_scale_gradient_matches_finite_differences(x64):
     kernel, x, y, nz, mean = problem.args()
 
     def log_p(sigma):
-        return gg.log_probability(kernel, x, y, noise.PerPoint(nz.blocks / sigma), mean)
+        return gg.log_marginal_likelihood(kernel, x, y, noise.PerPoint(nz.blocks / sigma), mean)
 
     sigma, eps = 0.7, 1e-6
     numeric = (log_p(sigma + eps) - log_p(sigma - eps)) / (2 * eps)
@@ -154,9 +192,10 @@ def _simulate(key, kernel, x, sigma):
 
 
 @pytest.mark.parametrize("noise_kind", ["isotropic", "per_point_rays"])
-def test_noise_scale_is_recovered_by_log_probability_not_by_L(noise_kind):
-    """Data simulated with ``σ = 0.1``: maximising ``log_probability`` over ``log σ`` recovers it;
-    maximising ``L`` runs away — the reason ``log_probability`` exists."""
+def test_noise_scale_is_recovered_by_the_marginal_likelihood_not_by_L(noise_kind):
+    """Data simulated with ``σ = 0.1``: maximising ``log_marginal_likelihood`` over ``log σ``
+    recovers it; maximising the precision form ``L`` runs away (the reason it is not the
+    public meaning of the name)."""
     true_sigma, n = 0.1, 120
     x = jnp.linspace(0.0, 6.0, n)
     kernel = kernels.Matern52(1.0, 1.0)
@@ -179,6 +218,24 @@ def test_noise_scale_is_recovered_by_log_probability_not_by_L(noise_kind):
             low, high = (middle, high) if grad(middle) > 0 else (low, middle)
         return float(jnp.exp(0.5 * (low + high)))
 
-    recovered = fit(gg.log_probability)
+    recovered = fit(gg.log_marginal_likelihood)
     assert abs(recovered / true_sigma - 1) < 0.15, recovered
-    assert fit(gg.log_marginal_likelihood) > 9.9  # L increases up to the end of the interval
+    assert fit(gg.precision_form_log_likelihood) > 9.9  # L increases up to the end of the interval
+
+
+@pytest.mark.float32
+@pytest.mark.parametrize("solver", ["dense", "markov"])
+def test_zero_blocks_mask_missing_data_like_dropping_the_points(solver, rtol):
+    """The documented way to handle missing observations: zero ``PerPoint`` blocks give the value
+    and the gradient of the problem without those points, and exactly zero gradient for them."""
+    kernel, x, y, nz, mean = make_markov_problem("curve", "per_point", 4, 3).args()
+    seen = np.ones(x.shape[0], bool)
+    seen[[1, 4, 5]] = False
+    masked = noise.PerPoint(jnp.where(jnp.asarray(seen)[:, None, None], nz.blocks, 0.0))
+    value_and_grad = jax.value_and_grad(functools.partial(gg.log_marginal_likelihood, solver=solver), argnums=1)
+    value, grad = value_and_grad(kernel, x, y, masked, mean)
+    kept = jnp.asarray(np.flatnonzero(seen))
+    dropped_value, dropped_grad = value_and_grad(kernel, x[kept], y[kept], noise.PerPoint(nz.blocks[kept]), mean[kept])
+    assert_trees_close(value, dropped_value, rtol, "value")
+    assert_trees_close(grad[kept], dropped_grad, rtol, "gradient of the seen points")
+    assert np.all(np.asarray(grad)[~seen] == 0.0)
