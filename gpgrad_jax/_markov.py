@@ -114,16 +114,31 @@ def marginal_terms(smoothed: Smoothed, model: Model, lay: Layout, components):
     blocks = model.blocks
     z = _mm(_t(blocks), smoothed.residual)
 
+    if smoothed.right is None:
+        # Covariance form: read p × p covariances H_g P H_fᵀ and contract them with Λ — 1.7× fewer
+        # flops than the factored route below (Matérn 3/2 at n = 10⁵: value_and_grad 27 → 17 ms).
+        precision = _mm(_t(blocks), blocks)
+
+        def trace_of(group):  # tr(Λ H_g P H_fᵀ)
+            cov = _t(_group_sum(_t(_group_sum(smoothed.left, lay, p, group)), lay, p, lay.starts))
+            return jnp.sum(precision * _t(cov), axis=(-2, -1))
+    else:
+
+        def trace_of(group):  # Σ (B H_g G) ⊙ (C G): the factors' orthogonal transforms
+            weighted = _mm(blocks, _group_sum(smoothed.left, lay, p, group))
+            return jnp.sum(weighted * smoothed.c_right, axis=(-2, -1))
+
     def term(group):  # z·E[R s] − q tr(Λ Cov(R s, f)) per point
-        weighted = _mm(blocks, _group_sum(smoothed.left, lay, p, group))  # B R left
-        trace = jnp.sum(weighted * smoothed.c_right, axis=(-2, -1))
-        return jnp.sum(z * _group_sum(smoothed.mean, lay, p, group), axis=(-2, -1)) - q * trace
+        return jnp.sum(z * _group_sum(smoothed.mean, lay, p, group), axis=(-2, -1)) - q * trace_of(group)
 
     # Read-outs: the total slope, then each component's value and slope.
     groups = [[start + 1 for start in lay.starts]] + [[j] for start in lay.starts for j in (start, start + 1)]
     terms = jnp.stack([term(group) for group in groups])
     rho = model.residual - _group_sum(smoothed.mean, lay, p, lay.starts)
-    b_cov = _mm(smoothed.c_right, _t(_group_sum(smoothed.left, lay, p, lay.starts)))  # B Cov(f)
+    if smoothed.right is None:
+        b_cov = _mm(blocks, value_covariance(smoothed, lay, p))  # B Cov(f)
+    else:
+        b_cov = _mm(smoothed.c_right, _t(_group_sum(smoothed.left, lay, p, lay.starts)))
     spread = _mm(smoothed.residual, _t(rho)) + q * b_cov
     return terms[0], terms[1:].reshape(len(components), 2, n), Marginals(z, spread)
 
