@@ -121,7 +121,7 @@ def test_helix_seen_by_cameras_meets_the_float32_targets(solver, span):
 @pytest.mark.parametrize(
     "order, n, span, isotropic",
     [
-        (5, 2000, 2.0, False),  # λh = 2e-3: the covariance form gave 1.6e-2
+        pytest.param(5, 2000, 2.0, False, marks=pytest.mark.slow),  # λh = 2e-3: the covariance form gave 1.6e-2
         pytest.param(3, 2000, 20.0, True, marks=pytest.mark.slow),
         pytest.param(3, 2000, 2.0, False, marks=pytest.mark.slow),
         pytest.param(5, 2000, 20.0, True, marks=pytest.mark.slow),
@@ -157,6 +157,7 @@ def test_data_spanning_more_than_float32_resolves_warn():
         gg.precision_form_log_likelihood(*_as(jnp.float32, *problem), solver="markov")
 
 
+@pytest.mark.slow  # n = 20 000 in both precisions
 def test_a_mean_close_to_the_data_removes_the_warning():
     """The remedy the warning names: residuals from a mean near the data (here the trend 0.3 x)
     are what the filter carries, and float32 resolves them."""

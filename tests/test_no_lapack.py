@@ -18,7 +18,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import pytest
-from problems import make_markov_problem
+from problems import FULL, make_markov_problem
 
 import gpgrad_jax as gg
 from gpgrad_jax import noise
@@ -31,6 +31,9 @@ def _custom_calls(fn, *args):
 
 
 @pytest.mark.float32
+@pytest.mark.skipif(
+    not FULL and jax.config.jax_enable_x64, reason="the fast profile checks the float32 programs (float32 pass)"
+)
 @pytest.mark.parametrize("solver", MARKOV_SOLVERS)
 @pytest.mark.parametrize(
     "kernel_name, noise_kind",
