@@ -65,7 +65,7 @@ class Smoothed(NamedTuple):
     residual: Array  # o_k − C_k E[s_k|y], (n, p, q)
     left: Array  # (n, N, w)
     right: Array  # (n, N, w), or None for the identity
-    c_right: Array  # C_k right_k, (n, p, w)
+    c_right: Array  # C_k right_k, (n, p, w); None in the covariance form (read p × p instead)
     nu: Array  # ∂L/∂m⁻_k, (n, N, q); None unless asked for
     info: Array  # N_k with ∂L/∂P⁻_k = ½(ν_kν_kᵀ − q N_k), (n, N, N); None unless asked for
 
