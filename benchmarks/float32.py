@@ -35,7 +35,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from run import machine_info, parse_arguments, save_report  # imports JAX in float64
+from run import machine_info, parse_arguments, save_figure, save_report  # imports JAX in float64
 
 ARGS = parse_arguments(__doc__, "float32_cpu") if __name__ == "__main__" else None
 
@@ -278,10 +278,7 @@ def plot(report, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"gpgrad_jax state-space solvers in float32 — {report['machine']['cpu']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -313,6 +313,16 @@ def save_report(report, args, plot):
     print(f"wrote {json_path} and {png_path}")
 
 
+def save_figure(fig, path):
+    """Lay out ``fig``, write it to ``path`` as a PNG and close it: every benchmark's last step."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(report, path):
     import matplotlib
 
@@ -341,10 +351,7 @@ def plot(report, path):
         ax.legend(fontsize=8)
     machine = report["machine"]
     fig.suptitle(f"gpgrad_jax — {machine['device']} ({machine['backend']}), {machine['cpu']}, float64", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from run import (
     machine_info,
     parse_arguments,
     plain_autodiff_value,
+    save_figure,
     save_report,
 )
 
@@ -164,10 +165,7 @@ def plot(report, path):
     machine = report["machine"]
     fig.suptitle(f"weak scaling, value_and_grad in x — {machine['device']} ({machine['backend']}), "
                  "labels: efficiency t(1)/t(d)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

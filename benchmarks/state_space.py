@@ -44,6 +44,7 @@ from run import (
     machine_info,
     parse_arguments,
     plain_autodiff_value,
+    save_figure,
     save_report,
 )
 
@@ -358,10 +359,7 @@ def plot(report, path):
     draws_ax.legend(fontsize=8)
     machine = report["machine"]
     fig.suptitle(f"gpgrad_jax state-space solver — {machine['device']} ({machine['backend']}), {machine['cpu']}, float64 (lower left: both precisions)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":
