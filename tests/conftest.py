@@ -17,6 +17,7 @@
 * JAX's persistent compilation cache (in ``~/.cache/gpgrad_jax``) makes repeated runs faster.
 """
 
+import gc
 import os
 
 import jax
@@ -56,6 +57,16 @@ def pytest_collection_modifyitems(config, items):
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. Each one keeps a few memory
+    mappings of machine code; a worker of the full profile compiles tens of thousands and
+    crossed the kernel's limit of 65530 mappings (``vm.max_map_count``) — a native crash."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
