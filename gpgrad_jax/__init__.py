@@ -5,7 +5,7 @@ Examples:
     >>> from gpgrad_jax import kernels, noise
 """
 
-from gpgrad_jax import kernels, noise, reference
+from gpgrad_jax import kernels, noise, reference, state_space
 from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood, precision_form_log_likelihood
 from gpgrad_jax._predict import predict, sample_posterior
 from gpgrad_jax._validation import ConditioningWarning, FactorizationError, NumericalError, value_checks
@@ -24,5 +24,6 @@ __all__ = [
     "predict",
     "reference",
     "sample_posterior",
+    "state_space",
     "value_checks",
 ]

@@ -198,4 +198,4 @@ def smooth(filtered: Filtered, model: Model, parallel: bool) -> Smoothed:
     cov = filt_cov - _mm(_mm(filt_cov, later_info), filt_cov)
     cov = 0.5 * (cov + _t(cov))
     residual = model.obs - _mm(model.obs_matrix, mean)
-    return Smoothed(mean, residual, cov, None, None, nu, info)
+    return Smoothed(mean, residual, cov, None, None, nu, info, filt_mean, filt_cov)

@@ -370,3 +370,162 @@ class Matern52(_Stationary):
         far, r = self._radius(a, b)
         scale = jnp.where(far, 0.0, -(5.0 / 3.0) * self.variance * (1.0 + _SQRT5 * r) * jnp.exp(-_SQRT5 * r))
         return _times_scaled_offset(scale, a, b, self.lengthscale)
+
+
+@pytree_dataclass
+class Matern12(_Stationary):
+    r"""Matérn-1/2 (exponential, Ornstein–Uhlenbeck) kernel $k = \sigma^2 \exp(-r)$, $r = \lVert a - b \rVert / \ell$.
+
+    Its paths are continuous but nowhere differentiable, and $k$ has a kink at $a = b$:
+    $\partial k / \partial a = -k\, (a - b) / (\ell^2 r)$ for $a \neq b$ and, by convention,
+    **0 at** $a = b$ — the mean of the two one-sided derivatives $\pm\sigma^2/\ell$. The
+    likelihood inherits the kink where indices tie; its gradient there is the mean of its
+    one-sided derivatives, on every solver (see ``docs/math.md``, "Ties and kinks").
+
+    Examples:
+        >>> from gpgrad_jax import kernels
+        >>> k = kernels.Matern12(variance=2.0, lengthscale=0.5)
+        >>> round(float(k.evaluate(0.0, 0.5)), 6), float(k.grad_first(0.3, 0.3))
+        (0.735759, 0.0)
+    """
+
+    def evaluate(self, a, b):
+        far, r = self._radius(a, b)
+        return jnp.where(far, 0.0, self.variance * jnp.exp(-r))
+
+    def grad_first(self, a, b):
+        far, r = self._radius(a, b)
+        # −k (a − b)/(ℓ² r): the unit direction of a − b in the ℓ-metric, 0 at a == b (the mean).
+        weight = jnp.where(far | (r == 0), 0.0, -self.variance * jnp.exp(-r) / jnp.where(r == 0, 1.0, r))
+        return _times_scaled_offset(weight, a, b, self.lengthscale)
+
+
+def _scalar_index(a, b, name):
+    if jnp.ndim(a) != 0 or jnp.ndim(b) != 0:
+        raise ValueError(f"{name} takes scalar indices (`x` of shape (n,)), got single points of shape {jnp.shape(a)}")
+    return a - b
+
+
+@pytree_dataclass
+class Cosine(Kernel):
+    r"""Cosine kernel $k(a, b) = \sigma^2 \cos(2\pi (a - b) / p)$ on scalar indices.
+
+    A sinusoid of period $p$ with random phase and amplitude; multiplied by a decaying kernel
+    (``Matern32(…) * Cosine(…)``) it becomes the usual quasi-periodic kernel.
+    $\partial k / \partial a = -\sigma^2 (2\pi/p) \sin(2\pi (a - b)/p)$.
+
+    Examples:
+        >>> from gpgrad_jax import kernels
+        >>> float(kernels.Cosine(variance=2.0, period=4.0).evaluate(0.0, 2.0))  # half a period apart
+        -2.0
+    """
+
+    variance: Array = 1.0
+    period: Array = 1.0
+    scalar_index_only: ClassVar[bool] = True
+    positive_fields: ClassVar[tuple[str, ...]] = ("variance", "period")
+
+    def parameter_shapes(self, index_shape):
+        return {"variance": ((),), "period": ((),)}
+
+    def frequency(self):
+        """$\\omega = 2\\pi / p$."""
+        return 2.0 * jnp.pi / self.period
+
+    def evaluate(self, a, b):
+        return self.variance * jnp.cos(self.frequency() * _scalar_index(a, b, "Cosine"))
+
+    def grad_first(self, a, b):
+        omega = self.frequency()
+        return -self.variance * omega * jnp.sin(omega * _scalar_index(a, b, "Cosine"))
+
+
+def damped_oscillation(damping, squared_frequency, t):
+    r"""$e^{-\gamma t}\,(c(t),\ s(t))$ with $c = \cos(\eta t)$, $s = \sin(\eta t)/\eta$ for
+    $\eta^2 = $ ``squared_frequency`` $> 0$, their hyperbolic forms for $\eta^2 < 0$ and the
+    common Taylor series near $\eta^2 t^2 = 0$ (the critically damped oscillator): one smooth
+    function of $\eta^2$, differentiable through the switch, and never $\infty \cdot 0$ (the
+    hyperbolic forms are written as decaying exponentials)."""
+    u = squared_frequency * t * t
+    near = jnp.abs(u) < 1.0
+    u_near = jnp.where(near, u, 0.0)
+    cos_series = sin_series = jnp.zeros_like(u)
+    for j in reversed(range(12)):  # Σ (−u)^j/(2j)!, Σ (−u)^j/(2j+1)!: 1/24! < 2e-24
+        cos_series = 1.0 / _factorial(2 * j) - u_near * cos_series
+        sin_series = 1.0 / _factorial(2 * j + 1) - u_near * sin_series
+    decay = jnp.exp(-damping * t)
+    series = decay * cos_series, decay * t * sin_series
+    positive = jnp.asarray(squared_frequency) > 0
+    # Each branch sees safe inputs where it is not taken (its derivative is multiplied by 0 there).
+    eta = jnp.sqrt(jnp.where(near | ~positive, 1.0, squared_frequency))
+    trig = decay * jnp.cos(eta * t), decay * jnp.sin(eta * t) / eta
+    negative = jnp.where(near | positive, -1.0, squared_frequency)
+    beta = jnp.sqrt(-negative)
+    # e^{−γt} cosh(βt) = ½ (e^{−(γ−β)t} + e^{−(γ+β)t}); γ − β = ω²/(γ + β) > 0, ω² = γ² + η²,
+    # without cancelling when heavily damped (γ ≫ ω).
+    slow = jnp.exp(-(damping**2 + negative) / (damping + beta) * t)
+    hyper = 0.5 * slow * (1.0 + jnp.exp(-2.0 * beta * t)), -slow * jnp.expm1(-2.0 * beta * t) / (2.0 * beta)
+    pick = lambda i: jnp.where(near, series[i], jnp.where(positive, trig[i], hyper[i]))  # noqa: E731
+    return pick(0), pick(1)
+
+
+def _factorial(m):
+    out = 1.0
+    for i in range(2, m + 1):
+        out *= i
+    return out
+
+
+@pytree_dataclass
+class SHO(Kernel):
+    r"""Stochastically driven damped simple harmonic oscillator on scalar indices.
+
+    $f'' + (\omega/Q) f' + \omega^2 f = $ white noise, scaled so that $k(a, a) = \sigma^2$:
+
+    $$
+    k(\tau) = \sigma^2 e^{-\gamma |\tau|} \left( c(|\tau|) + \gamma\, s(|\tau|) \right),
+    \qquad \gamma = \frac{\omega}{2Q},\quad \eta^2 = \omega^2 - \gamma^2,
+    $$
+
+    with $c = \cos \eta\tau$, $s = \sin(\eta \tau)/\eta$ for $Q > 1/2$ (underdamped),
+    $\cosh$ and $\sinh$ for $Q < 1/2$, and $c = 1$, $s = \tau$ at $Q = 1/2$ (critically damped:
+    $\sigma^2 (1 + \omega\tau) e^{-\omega\tau}$, the Matérn 3/2 kernel). One formula covers all
+    three and is smooth in $Q$ through $Q = 1/2$.
+    $\partial k / \partial a = -\sigma^2 \omega^2 e^{-\gamma|\tau|} s(\tau)$, $\tau = a - b$
+    (smooth: the paths are differentiable).
+
+    Examples:
+        >>> from gpgrad_jax import kernels
+        >>> k = kernels.SHO(sigma=1.0, omega=2.0, quality=0.5)
+        >>> round(float(k.evaluate(0.0, 0.5)), 6)  # (1 + ωτ) e^{−ωτ}
+        0.735759
+    """
+
+    sigma: Array = 1.0
+    omega: Array = 1.0
+    quality: Array = 1.0
+    scalar_index_only: ClassVar[bool] = True
+    positive_fields: ClassVar[tuple[str, ...]] = ("sigma", "omega", "quality")
+
+    def parameter_shapes(self, index_shape):
+        return {"sigma": ((),), "omega": ((),), "quality": ((),)}
+
+    def damping(self):
+        """$\\gamma = \\omega / (2Q)$."""
+        return self.omega / (2.0 * self.quality)
+
+    def squared_frequency(self):
+        """$\\eta^2 = \\omega^2 - \\gamma^2$ (negative when overdamped)."""
+        return self.omega**2 * (1.0 - 0.25 / self.quality**2)
+
+    def _oscillation(self, tau):
+        return damped_oscillation(self.damping(), self.squared_frequency(), tau)
+
+    def evaluate(self, a, b):
+        cos_part, sin_part = self._oscillation(jnp.abs(_scalar_index(a, b, "SHO")))
+        return self.sigma**2 * (cos_part + self.damping() * sin_part)
+
+    def grad_first(self, a, b):
+        tau = _scalar_index(a, b, "SHO")
+        _, sin_part = self._oscillation(jnp.abs(tau))
+        return -self.sigma**2 * self.omega**2 * jnp.sign(tau) * sin_part

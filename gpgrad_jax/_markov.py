@@ -39,11 +39,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpgrad_jax import _kalman, _kalman_sqrt
-from gpgrad_jax._markov_model import Layout, Model, Smoothed, build_model, layout, log_likelihood
+from gpgrad_jax._markov_model import (
+    Layout,
+    Model,
+    Smoothed,
+    build_model,
+    layout,
+    log_likelihood,
+    shift_back,
+    shift_forward,
+)
 from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import transpose as _t
-from gpgrad_jax._statespace import Matern, Polynomial, state_space, unit_cubic_noise
+from gpgrad_jax._statespace import Matern, Polynomial, may_kink, model_components, unit_cubic_noise
 from gpgrad_jax._validation import check_finite_value, check_state_space_precision
 
 Array = Any
@@ -59,7 +68,7 @@ def default_square_root(dtype) -> bool:
 
 def _setup(kernel, noise, x, r, square_root):
     n, dim = r.shape
-    components = state_space(kernel)
+    components = model_components(kernel)
     lay = layout(components, r.dtype)
     blocks, q = noise.observation_blocks(n, dim)
     p = blocks.shape[-1]
@@ -109,8 +118,20 @@ def value_covariance(smoothed: Smoothed, lay: Layout, p: int, group=None):
     return _mm(h_left, _t(_group_sum(smoothed.right, lay, p, lay.starts)))
 
 
-def marginal_terms(smoothed: Smoothed, model: Model, lay: Layout, components):
-    """The index gradient (sorted), per-component (value, slope) terms and the marginals."""
+def _identity_index(component, generic: bool) -> bool:
+    """Whether a block's share of the index gradient comes from the slope identity (its state
+    holds ``f'``) rather than from the generic rule."""
+    return not generic and component.slope_entry is not None
+
+
+def _identity_parameters(component, generic: bool) -> bool:
+    """Whether a block's parameter cotangents come from its own identity (Matérn, polynomial)."""
+    return not generic and isinstance(component, (Matern, Polynomial))
+
+
+def marginal_terms(smoothed: Smoothed, model: Model, lay: Layout, components, generic: bool = False):
+    """The slope identity's share of the index gradient (sorted), the Matérn blocks' (value,
+    slope) terms (``None`` for other blocks) and the marginals."""
     n, p, q = model.residual.shape
     blocks = model.blocks
     z = _mm(_t(blocks), smoothed.residual)
@@ -131,16 +152,19 @@ def marginal_terms(smoothed: Smoothed, model: Model, lay: Layout, components):
     def term(group):  # z·E[R s] − q tr(Λ Cov(R s, f)) per point
         return jnp.sum(z * _group_sum(smoothed.mean, lay, p, group), axis=(-2, -1)) - q * trace_of(group)
 
-    # Read-outs: the total slope, then each component's value and slope.
-    groups = [[start + 1 for start in lay.starts]] + [[j] for start in lay.starts for j in (start, start + 1)]
-    terms = jnp.stack([term(group) for group in groups])
+    slopes = [start + c.slope_entry for c, start in zip(components, lay.starts) if _identity_index(c, generic)]
+    grad_x = term(slopes) if slopes else jnp.zeros(n, model.x.dtype)
+    terms = [
+        jnp.stack([term([start]), term([start + 1])]) if _identity_parameters(c, generic) and isinstance(c, Matern) else None
+        for c, start in zip(components, lay.starts)
+    ]
     rho = model.residual - _group_sum(smoothed.mean, lay, p, lay.starts)
     if smoothed.right is None:
         b_cov = _mm(blocks, value_covariance(smoothed, lay, p))  # B Cov(f)
     else:
         b_cov = _mm(smoothed.c_right, _t(_group_sum(smoothed.left, lay, p, lay.starts)))
     spread = _mm(smoothed.residual, _t(rho)) + q * b_cov
-    return terms[0], terms[1:].reshape(len(components), 2, n), Marginals(z, spread)
+    return grad_x, terms, Marginals(z, spread)
 
 
 def _prior_gradients(smoothed: Smoothed, p: int, k: int):
@@ -152,31 +176,131 @@ def _prior_gradients(smoothed: Smoothed, p: int, k: int):
     return 0.5 * (outer - q * jnp.einsum("najal->njl", info))
 
 
-def component_cotangents(components, lay, terms, smoothed, model):
-    """Cotangents of the components' parameters, in the components' own structure."""
-    _, p, _ = model.residual.shape
+def _identity_cotangent(component, term, prior_block, model):
+    """A Matérn block's or the polynomial block's parameter cotangents by their identities."""
     x = model.x
-    prior_grad = None
+    if isinstance(component, Matern):
+        value_term, slope_term = term
+        variance_bar = jnp.sum(value_term) / (2.0 * component.variance)
+        lengthscale_bar = -jnp.sum((x - jnp.mean(x)) * slope_term) / component.lengthscale
+        return Matern(variance_bar, lengthscale_bar, component.order)
+    steps = model.h.at[0].set(x[0])  # the first point's prior holds Q̃(x_1)
+    cubic_bar = jnp.sum(prior_block * unit_cubic_noise(steps))
+    first = prior_block[0]
+    t = x[0]
+    linear_bar = t * t * first[0, 0] + 2.0 * t * first[0, 1] + first[1, 1]
+    return Polynomial(cubic_bar, linear_bar, first[0, 0])
+
+
+def _coordinate_sum(a, p: int, k: int):
+    """``Σ_a`` of the ``p`` diagonal ``(k, k)`` blocks of ``(n, p·k, p·k)`` matrices: the
+    cotangent of a ``(k, k)`` matrix that every coordinate's dynamics share (``I_p ⊗ M``)."""
+    n = a.shape[0]
+    return jnp.einsum("najal->njl", a.reshape(n, p, k, p, k))
+
+
+def step_cotangents(smoothed: Smoothed, filtered_mean, filtered_cov, model: Model, lay: Layout):
+    r"""``(Ā_k, Q̄_k)``, the cotangents of every step's transition and process noise (``(n, k, k)``
+    each, summed over the coordinates); ``Q̄_0`` is the first state's prior's.
+
+    ``m⁻_k = A_k m_{k−1|k−1}`` and ``P⁻_k = A_k P_{k−1|k−1} A_kᵀ + Q_k`` are how ``A_k`` and ``Q_k``
+    enter ``L``, with ``∂L/∂m⁻_k = ν_k`` and ``∂L/∂P⁻_k = Γ_k = ½(ν_kν_kᵀ − qN_k)`` from the
+    smoother: ``Q̄_k = Γ_k``, ``Ā_k = ν_k m_{k−1|k−1}ᵀ + 2Γ_k A_k P_{k−1|k−1}``.
+    """
+    _, p, q = model.residual.shape
+    nu, info = smoothed.nu, smoothed.info
+    twice_gamma = _mm(nu, _t(nu)) - q * info
+    previous_mean, previous_cov = shift_forward(filtered_mean), shift_forward(filtered_cov)
+    a_bar = _mm(nu, _t(previous_mean)) + _mm(_mm(twice_gamma, model.transition), previous_cov)
+    return _coordinate_sum(a_bar, p, lay.size), _coordinate_sum(0.5 * twice_gamma, p, lay.size)
+
+
+def _per_step(component, steps, first_index):
+    return component.transition(steps), component.process_noise(steps), component.initial(first_index)
+
+
+def generic_cotangents(component, a_bar, q_bar, model: Model):
+    """``(θ̄, h̄, x̄₀)`` of one block from its steps' ``(Ā, Q̄)``: one ``jax.vjp`` of its small
+    per-step functions, vectorised over the steps (``h̄`` for ``h_1 … h_{n−1}``)."""
+    _, vjp = jax.vjp(_per_step, component, model.h[1:], model.x[0])
+    return vjp((a_bar[1:], q_bar[1:], q_bar[0]))
+
+
+def _segmented_cumsum(values, starts, reverse=False):
+    """Inclusive prefix sums that restart where ``starts`` is true (``reverse``: suffix sums
+    restarting where it marks a segment's end), by an associative scan: exact per segment."""
+
+    def combine(a, b):  # b follows a in the scan's direction; a segment restarts at b's flag
+        (va, fa), (vb, fb) = a, b
+        flag = fb.reshape(fb.shape + (1,) * (vb.ndim - fb.ndim))
+        return jnp.where(flag, vb, va + vb), fa | fb
+
+    return jax.lax.associative_scan(combine, (values, starts), reverse=reverse)[0]
+
+
+def tie_correction(slope, smoothed: Smoothed, model: Model, lay: Layout, z):
+    r"""What turns the sorted order's one-sided index gradient into the mean of the one-sided
+    derivatives where indices tie, for kernels with a kink ``k'(0⁺) = κ ≠ 0`` (Matérn 1/2):
+    ``κ (Σ_{j after i} G_ij − Σ_{j before i} G_ij)`` over the points ``j`` tied with ``i``, with
+    ``G_ij = 2 ∂L/∂K_ij = z_i·z_j + q tr(Λ_i Cov(f(x_i)|y) Λ_j)`` (tied points share ``f``)."""
+    n, p, q = model.residual.shape
+    blocks = model.blocks
+    precision = _mm(_t(blocks), blocks)
+    starts = (model.h > 0) | (jnp.arange(n) == 0)
+    ends = shift_back(starts) | (jnp.arange(n) == n - 1)
+
+    def after_minus_before(v):  # Σ_{j after} v_j − Σ_{j before} v_j within the tie group
+        return _segmented_cumsum(v, ends, reverse=True) - _segmented_cumsum(v, starts)
+
+    z_diff = after_minus_before(z)
+    precision_diff = after_minus_before(precision)
+    weighted = _mm(precision, value_covariance(smoothed, lay, p))
+    pair = jnp.sum(z * z_diff, axis=(-2, -1)) + q * jnp.sum(_t(weighted) * precision_diff, axis=(-2, -1))
+    return slope * pair
+
+
+def kink_slope(component):
+    """``κ = k'(0⁺) = [A'(0) P∞]₀₀`` of a stationary block (0 where the paths are differentiable)."""
+    stationary = component.stationary()
+    zero = jnp.zeros((), stationary.dtype)
+    _, derivative = jax.jvp(component.transition, (zero,), (jnp.ones_like(zero),))
+    return (derivative @ stationary)[0, 0]
+
+
+def kernel_and_index_cotangents(components, lay, terms, smoothed, filtered_moments, model, want_kernel, generic):
+    """The blocks' parameter cotangents (``None`` unless ``want_kernel``) and the generic rule's
+    share of the (sorted) index gradient: blocks without a slope identity, and the tie
+    correction of kernels with a kink."""
+    n = model.residual.shape[0]
+    grad_x = jnp.zeros(n, model.x.dtype)
+    need_steps = [
+        (want_kernel and not _identity_parameters(c, generic)) or not _identity_index(c, generic) for c in components
+    ]
+    polynomial_prior = want_kernel and any(isinstance(c, Polynomial) and _identity_parameters(c, generic) for c in components)
+    a_bar = q_bar = None
+    if any(need_steps) or polynomial_prior:
+        a_bar, q_bar = step_cotangents(smoothed, *filtered_moments, model, lay)
     out = []
-    for index, (component, (start, stop)) in enumerate(zip(components, lay.slices)):
-        value_term, slope_term = terms[index]
-        if isinstance(component, Matern):
-            variance_bar = jnp.sum(value_term) / (2.0 * component.variance)
-            lengthscale_bar = -jnp.sum((x - jnp.mean(x)) * slope_term) / component.lengthscale
-            out.append(Matern(variance_bar, lengthscale_bar, component.order))
-        elif isinstance(component, Polynomial):
-            if prior_grad is None:
-                prior_grad = _prior_gradients(smoothed, p, lay.size)
-            block = prior_grad[:, start:stop, start:stop]
-            steps = model.h.at[0].set(x[0])  # the first point's prior holds Q̃(x_1)
-            cubic_bar = jnp.sum(block * unit_cubic_noise(steps))
-            first = block[0]
-            t = x[0]
-            linear_bar = t * t * first[0, 0] + 2.0 * t * first[0, 1] + first[1, 1]
-            out.append(Polynomial(cubic_bar, linear_bar, first[0, 0]))
-        else:  # pragma: no cover - state_space only yields the two kinds above
-            raise TypeError(type(component).__name__)
-    return tuple(out)
+    slope = jnp.zeros((), model.x.dtype)
+    for component, (start, stop), term, needed in zip(components, lay.slices, terms, need_steps):
+        bar = None
+        if needed:
+            block = (slice(None), slice(start, stop), slice(start, stop))
+            bar, h_bar, x0_bar = generic_cotangents(component, a_bar[block], q_bar[block], model)
+            if not _identity_index(component, generic):
+                h_bar = jnp.concatenate([jnp.zeros(1, h_bar.dtype), h_bar])  # h_0 = 0 is no step
+                grad_x = grad_x + h_bar - shift_back(h_bar)  # h_k = x_k − x_{k−1}
+                grad_x = grad_x.at[0].add(x0_bar)
+                if may_kink(component):
+                    slope = slope + kink_slope(component)
+        if want_kernel and _identity_parameters(component, generic):
+            prior_block = q_bar[:, start:stop, start:stop] if isinstance(component, Polynomial) else None
+            bar = _identity_cotangent(component, term, prior_block, model)
+        out.append(bar if want_kernel else None)
+    if any(may_kink(c) and not _identity_index(c, generic) for c in components):
+        z = _mm(_t(model.blocks), smoothed.residual)
+        grad_x = grad_x + tie_correction(slope, smoothed, model, lay, z)
+    return tuple(out), grad_x
 
 
 # ------------------------------------------------------------- custom_vjp rule
@@ -262,20 +386,39 @@ def _lml_bwd(parallel, square_root, residuals, g):
 log_marginal_likelihood.defvjp(_lml_fwd, _lml_bwd, symbolic_zeros=True)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _backward(parallel, square_root, want_kernel, want_noise, kernel, noise, x, r, state, g):
+def _filtered_moments(filtered, smoothed, square_root):
+    """``(m_k|k, P_k|k)`` at every point, from either form."""
+    if square_root:
+        return filtered.mean, _mm(filtered.factor, _t(filtered.factor))
+    return smoothed.filtered_mean, smoothed.filtered_cov
+
+
+def _needs_adjoints(components, want_kernel, generic):
+    return any(
+        (want_kernel and not (_identity_parameters(c, generic) and isinstance(c, Matern))) or not _identity_index(c, generic)
+        for c in components
+    )
+
+
+def backward(parallel, square_root, want_kernel, want_noise, kernel, noise, x, r, state, g, generic=False):
+    """The closed-form rule's cotangents (see ``cotangents``); ``generic`` routes every block
+    through the generic rule (the tests' check of the identities)."""
     model, filtered = state
     n, dim = r.shape
-    components = state_space(kernel)
+    components = model_components(kernel)
     lay = layout(components, r.dtype)
-    want_adjoints = want_kernel and any(isinstance(c, Polynomial) for c in components)
+    want_adjoints = _needs_adjoints(components, want_kernel, generic)
     smoothed = _smooth(filtered, model, lay, parallel, square_root, want_adjoints)
-    grad_x, terms, marginals = marginal_terms(smoothed, model, lay, components)
+    grad_x, terms, marginals = marginal_terms(smoothed, model, lay, components, generic)
+    moments = _filtered_moments(filtered, smoothed, square_root) if want_adjoints else None
+    component_bar, generic_grad_x = kernel_and_index_cotangents(
+        components, lay, terms, smoothed, moments, model, want_kernel, generic
+    )
+    grad_x = grad_x + generic_grad_x
 
     kernel_bar = noise_bar = None
     if want_kernel:
-        component_bar = component_cotangents(components, lay, terms, smoothed, model)
-        _, kernel_vjp = jax.vjp(state_space, kernel)
+        _, kernel_vjp = jax.vjp(model_components, kernel)
         (kernel_bar,) = kernel_vjp(jax.tree_util.tree_map(lambda c: g * c, component_bar))
     if want_noise:
         blocks_bar = _unsort(-marginals.spread, model)
@@ -285,6 +428,9 @@ def _backward(parallel, square_root, want_kernel, want_noise, kernel, noise, x, 
     x_bar = g * _unsort(grad_x, model)
     r_bar = -g * _unsort(marginals.z, model).reshape(n, dim)
     return kernel_bar, noise_bar, x_bar, r_bar
+
+
+_backward = jax.jit(backward, static_argnums=(0, 1, 2, 3), static_argnames=("generic",))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
@@ -330,7 +476,7 @@ def _joint_model(kernel, noise, x, r, x_new, square_root):
     precision. Returns ``(components, layout, model, p, q)``."""
     n, dim = r.shape
     n_new = x_new.shape[0]
-    components = state_space(kernel)
+    components = model_components(kernel)
     lay = layout(components, r.dtype)
     blocks, q = noise.observation_blocks(n, dim)
     p = blocks.shape[-1]

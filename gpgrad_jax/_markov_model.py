@@ -68,6 +68,8 @@ class Smoothed(NamedTuple):
     c_right: Array  # C_k right_k, (n, p, w); None in the covariance form (read p × p instead)
     nu: Array  # ∂L/∂m⁻_k, (n, N, q); None unless asked for
     info: Array  # N_k with ∂L/∂P⁻_k = ½(ν_kν_kᵀ − q N_k), (n, N, N); None unless asked for
+    filtered_mean: Array = None  # m_k|k, (n, N, q) (the covariance form; the square-root form's is in its Filtered)
+    filtered_cov: Array = None  # P_k|k, (n, N, N) (likewise)
 
 
 def layout(components, dtype) -> Layout:

@@ -13,7 +13,7 @@ import jax
 from gpgrad_jax._dense import DenseSolver
 from gpgrad_jax._markov import MarkovSolver
 from gpgrad_jax._noise import BlockDiagonal
-from gpgrad_jax._statespace import NoStateSpaceForm, state_space
+from gpgrad_jax._statespace import NoStateSpaceForm, model_components
 
 SOLVERS = ("auto", "dense", "markov", "markov-parallel")
 
@@ -35,7 +35,7 @@ def markov_obstacle(kernel, noise, x) -> str | None:
             "PerPoint noise)"
         )
     try:
-        state_space(kernel)
+        model_components(kernel)
     except NoStateSpaceForm as err:
         return str(err)
     return None

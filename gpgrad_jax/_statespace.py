@@ -21,11 +21,14 @@ block ``P∞ − A P∞ Aᵀ`` cancels, its first entry being ``O((λh)^{2·size
 comes from the Taylor series of ``Q = ∫₀ʰ e^{Fτ} L q Lᵀ e^{Fᵀτ} dτ``, scaled so that it stays
 well conditioned as ``h → 0``.
 
+* ``Exponential`` (Matérn 1/2, 1 state), ``Oscillator`` (SHO, state ``(f, f')``), ``Periodic``
+  (Cosine: a rotation, no process noise) and ``Kronecker`` (products of stationary blocks).
+
 Sums merge their polynomial parts and stack the rest; ``c * k`` (a product with a
-[``Constant``][gpgrad_jax.kernels.Constant]) scales every variance.  Other kernels (the squared
-exponential, products of two non-constant kernels, kernels written by users) have no
-registered form and ``state_space`` raises ``NoStateSpaceForm``; register one with
-``state_space.register(MyKernel)``.
+[``Constant``][gpgrad_jax.kernels.Constant]) scales every variance; products of stationary
+kernels distribute over sums into Kronecker blocks. Other kernels (the squared exponential,
+products with the curve kernels) have no form and ``state_space`` raises ``NoStateSpaceForm``;
+users register their own through [``gpgrad_jax.state_space``][gpgrad_jax.state_space].
 
 Components are small dataclass pytrees of their effective parameters, so the solver's
 cotangents for them map back to the kernel's leaves with one ``jax.vjp`` of
@@ -59,8 +62,61 @@ def _matrix(rows, like):
     return jnp.stack([jnp.stack([entry(v) for v in row], -1) for row in rows], -2)
 
 
+class Component:
+    r"""Base of a state-space block: a linear SDE whose state ``s`` (``size`` entries) holds the
+    process ``f`` as the linear read-out ``f = H s``.
+
+    The contract a block fulfils (all methods batched over leading axes of ``h`` and ``t``):
+
+    * ``transition(h)`` — ``A(h) = e^{F h}``, ``(..., size, size)``;
+    * ``process_noise(h)`` — ``Q(h) = ∫₀ʰ e^{Fτ} L Q_c Lᵀ e^{Fᵀτ} dτ`` (for a stationary block
+      ``P∞ − A(h) P∞ A(h)ᵀ``), ``(..., size, size)``;
+    * ``stationary()`` — ``P∞`` (a stationary block), **or** ``initial(t)``, the prior covariance
+      of the state at the first (smallest) index ``t``;
+    * ``observation()`` — ``H``, ``(size,)``; the default ``None`` reads the first entry. If
+      given, ``H[0]`` must not be 0 (the block is rewritten in the basis whose first entry is
+      ``f``);
+    * optional: ``process_noise_factor(h)`` and ``initial_factor(t)``, square roots ``L Lᵀ`` of
+      the two covariances for the float32 (square-root) solvers — by default Cholesky factors
+      of them, which lose relative accuracy where ``Q(h)`` is formed by cancellation;
+      ``slope_entry``, the state entry that holds ``f'`` if the paths are differentiable
+      (enables a faster closed form for the index gradient; the generic rule is used otherwise).
+
+    Every method must be a JAX function of the block's fields (its parameters, a pytree): the
+    gradient in them and in ``h`` comes from autodiff of these small functions, vmapped over
+    the steps — never through the filter.
+    """
+
+    size: ClassVar[int]
+    slope_entry: ClassVar[int | None] = None
+
+    def observation(self):
+        return None
+
+    def initial(self, t):
+        return jnp.broadcast_to(self.stationary(), (*jnp.shape(t), self.size, self.size))
+
+    def process_noise_factor(self, h):
+        return cholesky(self.process_noise(h), semidefinite=True)
+
+    def initial_factor(self, t):
+        return cholesky(self.initial(t), semidefinite=True)
+
+
+class Stationary(Component):
+    """A block with a stationary state covariance ``P∞`` (``stationary()``), the prior of the
+    first state. Products of stationary blocks are Kronecker blocks."""
+
+    def stationary_factor(self):
+        """A square root of ``P∞``."""
+        return cholesky(self.stationary(), semidefinite=True)
+
+    def initial_factor(self, t):
+        return jnp.broadcast_to(self.stationary_factor(), (*jnp.shape(t), self.size, self.size))
+
+
 @pytree_dataclass
-class Polynomial:
+class Polynomial(Component):
     """``CubicSpline(cubic) + Linear(linear) + Constant(constant)`` as one 2-state block."""
 
     cubic: Array
@@ -68,6 +124,7 @@ class Polynomial:
     constant: Array
 
     size: ClassVar[int] = 2
+    slope_entry: ClassVar[int | None] = 1
 
     def parts(self):
         return (self.cubic, self.linear, self.constant)
@@ -109,12 +166,14 @@ def unit_cubic_noise(h):
 
 
 @pytree_dataclass(static=("order",))
-class Matern:
+class Matern(Stationary):
     """A Matérn-``order/2`` block (``order`` 3 or 5) with variance and lengthscale."""
 
     variance: Array
     lengthscale: Array
     order: int
+
+    slope_entry: ClassVar[int | None] = 1
 
     @property
     def size(self):
@@ -170,9 +229,9 @@ class Matern:
         factor = jnp.where((t < _SERIES_LIMIT)[..., None, None], small, large)
         return self._scale() * factor
 
-    def initial_factor(self, t):
+    def stationary_factor(self):
         factor = jnp.asarray(_UNIT_MATERN[self.order].stationary_factor, jnp.result_type(self.variance))
-        return jnp.broadcast_to(self._scale() * factor, (*jnp.shape(t), self.size, self.size))
+        return self._scale() * factor
 
 
 #: Below this ``λh`` the Matérn process-noise factor comes from the Taylor series (18 terms in
@@ -243,6 +302,222 @@ class _UnitMatern:
 _UNIT_MATERN = {3: _UnitMatern(3), 5: _UnitMatern(5)}
 
 
+# ------------------------------------------------------- stationary components
+
+
+@pytree_dataclass
+class Exponential(Stationary):
+    """Matérn 1/2: ``f' = −λ f + w``, ``λ = 1/ℓ``; ``A = e^{−λh}``, ``Q = σ²(1 − e^{−2λh})``."""
+
+    variance: Array
+    lengthscale: Array
+
+    size: ClassVar[int] = 1
+
+    def transition(self, h):
+        return jnp.exp(-h / self.lengthscale)[..., None, None]
+
+    def process_noise(self, h):
+        return -self.variance * jnp.expm1(-2.0 * h / self.lengthscale)[..., None, None]
+
+    def process_noise_factor(self, h):
+        return jnp.sqrt(self.process_noise(h))
+
+    def stationary(self):
+        return jnp.reshape(self.variance, (1, 1))
+
+    def stationary_factor(self):
+        return jnp.reshape(jnp.sqrt(self.variance), (1, 1))
+
+
+@pytree_dataclass
+class Periodic(Stationary):
+    """The cosine kernel's 2-state rotation: ``A(h)`` rotates by ``ωh``, ``Q = 0``, ``P∞ = σ² I``."""
+
+    variance: Array
+    period: Array
+
+    size: ClassVar[int] = 2
+
+    def transition(self, h):
+        angle = 2.0 * jnp.pi / self.period * h
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        return _matrix([[cos, sin], [-sin, cos]], h)
+
+    def process_noise(self, h):
+        return jnp.zeros((*jnp.shape(h), 2, 2), jnp.result_type(h, self.variance))
+
+    process_noise_factor = process_noise
+
+    def stationary(self):
+        return self.variance * jnp.eye(2, dtype=jnp.result_type(self.variance))
+
+    def stationary_factor(self):
+        return jnp.sqrt(self.variance) * jnp.eye(2, dtype=jnp.result_type(self.variance))
+
+
+@pytree_dataclass
+class Oscillator(Stationary):
+    """The SHO: state ``(f, f')``, ``F = [[0, 1], [−ω², −ω/Q]]``, ``P∞ = σ² diag(1, ω²)``,
+    ``A(h) = e^{−γh} [[c + γs, s], [−ω²s, c − γs]]`` (``gpgrad_jax._kernels.damped_oscillation``)."""
+
+    sigma: Array
+    omega: Array
+    quality: Array
+
+    size: ClassVar[int] = 2
+    slope_entry: ClassVar[int | None] = 1
+
+    def _unit_transition(self, t):
+        """``A`` of the oscillator with ``ω = 1`` at ``t = ωh``."""
+        damping = 0.5 / self.quality
+        cos, sin = kernels.damped_oscillation(damping, 1.0 - damping**2, t)
+        return _matrix([[cos + damping * sin, sin], [-sin, cos - damping * sin]], t)
+
+    def _scale(self):
+        """``σ diag(1, ω)`` as a column: ``s = diag(σ, σω) ŝ`` maps the unit oscillator to this one."""
+        return self.sigma * jnp.stack([jnp.ones_like(self.omega), self.omega])[:, None]
+
+    def transition(self, h):
+        unit = self._unit_transition(self.omega * h)
+        scale = jnp.stack([jnp.ones_like(self.omega), self.omega])
+        return unit * scale[:, None] / scale[None, :]
+
+    def stationary(self):
+        return self.sigma**2 * jnp.diag(jnp.stack([jnp.ones_like(self.omega), self.omega**2]))
+
+    def stationary_factor(self):
+        return jnp.abs(self.sigma) * jnp.diag(jnp.stack([jnp.ones_like(self.omega), self.omega]))
+
+    def process_noise(self, h):
+        a = self.transition(h)
+        stationary = self.stationary()
+        return stationary - small_matmul(small_matmul(a, stationary), jnp.swapaxes(a, -1, -2))
+
+    def process_noise_factor(self, h):
+        """Each entry to full relative accuracy: the scaled Taylor series of the unit
+        oscillator's ``Q̂(t)`` for ``t·max(1, 1/Q) < 0.8``, ``chol(I − Â Âᵀ)`` beyond."""
+        t = self.omega * h
+        reach = t * jnp.maximum(1.0, 1.0 / self.quality)
+        drift = _matrix([[0.0, 1.0], [-1.0, -1.0 / self.quality]], self.quality)
+        near = reach < _SERIES_LIMIT
+        small = _companion_series_factor(drift, 2.0 / self.quality, jnp.where(near, t, 0.0))
+        a = self._unit_transition(jnp.where(near, 1.0, t))
+        large = cholesky(jnp.eye(2, dtype=a.dtype) - small_matmul(a, jnp.swapaxes(a, -1, -2)), semidefinite=True)
+        return self._scale() * jnp.where(near[..., None, None], small, large)
+
+
+def _companion_series_factor(drift, diffusion, t):
+    """``_UnitMatern.series_factor`` for a companion-form drift given as a (traced) array: the
+    Taylor coefficients of ``Q̂(t)`` are formed in JAX, so they follow the parameters."""
+    size = drift.shape[-1]
+    dtype = drift.dtype
+    terms = {np.dtype("float32"): 18}.get(np.dtype(dtype), 24)
+    last = jnp.zeros(size, dtype).at[-1].set(1.0)
+    powers = [last]
+    for _ in range(2 * size + terms):
+        powers.append(drift @ powers[-1])
+    a, b = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    start = 2 * size - 1 - a - b
+
+    def coefficient(m):  # C_m = q̂ Σ_{j+l=m−1} g_j g_lᵀ / (j! l! m)
+        total = sum(jnp.outer(powers[j], powers[m - 1 - j]) / float(math.factorial(j) * math.factorial(m - 1 - j)) for j in range(m))
+        return diffusion * total / m
+
+    table = jnp.stack([coefficient(m) for m in range(1, 2 * size + terms)])  # C_1 … C_{2·size+terms−1}
+    scaled = jnp.stack([table[start + j - 1, a, b] for j in range(terms)])
+    series = jnp.zeros((*t.shape, size, size), dtype)
+    for j in reversed(range(terms)):
+        series = series * t[..., None, None] + scaled[j]
+    rows = jnp.stack([t ** (size - 1 - i) for i in range(size)], axis=-1)[..., :, None]
+    return _safe_sqrt(t)[..., None, None] * rows * cholesky(series)
+
+
+def _kron(a, b):
+    """``a ⊗ b`` for batches of small matrices (``..., i, j`` and ``..., k, l``)."""
+    out = a[..., :, None, :, None] * b[..., None, :, None, :]
+    shape = out.shape
+    return out.reshape(*shape[:-4], shape[-4] * shape[-3], shape[-2] * shape[-1])
+
+
+@pytree_dataclass
+class Kronecker(Stationary):
+    """The product ``k₁ k₂`` of two stationary blocks: state ``s₁ ⊗ s₂``, ``A = A₁ ⊗ A₂``,
+    ``P∞ = P₁ ⊗ P₂``, ``H = H₁ ⊗ H₂`` (the first entry when both read their first), and
+    ``Q = P∞ − A P∞ Aᵀ = Q₁ ⊗ (A₂P₂A₂ᵀ) + P₁ ⊗ Q₂`` — a sum of two positive semi-definite
+    terms, so its factor ``tria([L₁ ⊗ A₂S₂, S₁ ⊗ L₂])`` is as accurate as the blocks' own."""
+
+    first: Any
+    second: Any
+
+    @property
+    def size(self):
+        return self.first.size * self.second.size
+
+    def transition(self, h):
+        return _kron(self.first.transition(h), self.second.transition(h))
+
+    def stationary(self):
+        return _kron(self.first.stationary(), self.second.stationary())
+
+    def stationary_factor(self):
+        return _kron(self.first.stationary_factor(), self.second.stationary_factor())
+
+    def _kept(self, h):
+        """``A₂ P₂ A₂ᵀ``: the part of the second block's variance that survives a step."""
+        a2 = self.second.transition(h)
+        return small_matmul(small_matmul(a2, self.second.stationary()), jnp.swapaxes(a2, -1, -2))
+
+    def process_noise(self, h):
+        p1 = jnp.broadcast_to(self.first.stationary(), (*jnp.shape(h), self.first.size, self.first.size))
+        return _kron(self.first.process_noise(h), self._kept(h)) + _kron(p1, self.second.process_noise(h))
+
+    def process_noise_factor(self, h):
+        batch = jnp.shape(h)
+        s1 = jnp.broadcast_to(self.first.stationary_factor(), (*batch, self.first.size, self.first.size))
+        s2 = jnp.broadcast_to(self.second.stationary_factor(), (*batch, self.second.size, self.second.size))
+        kept = small_matmul(self.second.transition(h), s2)
+        joint = jnp.concatenate([_kron(self.first.process_noise_factor(h), kept), _kron(s1, self.second.process_noise_factor(h))], axis=-1)
+        return triangularize(joint)[..., : self.size]
+
+
+@pytree_dataclass
+class Scaled(Component):
+    """A registered block times a constant ``c`` (covariances ``c·``, factors ``√c·``)."""
+
+    block: Any
+    scale: Array
+
+    @property
+    def size(self):
+        return self.block.size
+
+    @property
+    def slope_entry(self):
+        return self.block.slope_entry
+
+    def observation(self):
+        return self.block.observation()
+
+    def transition(self, h):
+        return self.block.transition(h)
+
+    def process_noise(self, h):
+        return self.scale * self.block.process_noise(h)
+
+    def initial(self, t):
+        return self.scale * self.block.initial(t)
+
+    def process_noise_factor(self, h):
+        return jnp.sqrt(self.scale) * self.block.process_noise_factor(h)
+
+    def initial_factor(self, t):
+        return jnp.sqrt(self.scale) * self.block.initial_factor(t)
+
+    def stationary(self):
+        return self.scale * self.block.stationary()
+
+
 @functools.singledispatch
 def state_space(kernel: kernels.Kernel) -> tuple:
     """The state-space components of ``kernel`` (see the module docstring).
@@ -257,8 +532,9 @@ def state_space(kernel: kernels.Kernel) -> tuple:
     """
     raise NoStateSpaceForm(
         f"kernel {type(kernel).__name__} has no state-space form, so solver='markov' cannot use it; "
-        "Markov kernels are CubicSpline, Linear, Constant, Matern32, Matern52, their sums and "
-        "their products with a Constant. Use solver='dense' (or 'auto', which falls back to it)."
+        "Markov kernels are CubicSpline, Linear, Constant, Matern12, Matern32, Matern52, SHO, Cosine, "
+        "their sums, products of the stationary ones and c * k (register your own with "
+        "gpgrad_jax.state_space.register). Use solver='dense' (or 'auto', which falls back to it)."
     )
 
 
@@ -295,6 +571,21 @@ def _matern_lengthscale(kernel):
 
 
 @state_space.register
+def _(kernel: kernels.Matern12):
+    return (Exponential(jnp.asarray(kernel.variance), _matern_lengthscale(kernel)),)
+
+
+@state_space.register
+def _(kernel: kernels.SHO):
+    return (Oscillator(jnp.asarray(kernel.sigma), jnp.asarray(kernel.omega), jnp.asarray(kernel.quality)),)
+
+
+@state_space.register
+def _(kernel: kernels.Cosine):
+    return (Periodic(jnp.asarray(kernel.variance), jnp.asarray(kernel.period)),)
+
+
+@state_space.register
 def _(kernel: kernels.Matern32):
     return (Matern(jnp.asarray(kernel.variance), _matern_lengthscale(kernel), 3),)
 
@@ -319,13 +610,101 @@ def _(kernel: kernels.Product):
     for scale, other in ((kernel.k1, kernel.k2), (kernel.k2, kernel.k1)):
         if isinstance(scale, kernels.Constant):
             return tuple(_scaled(c, scale.variance) for c in state_space(other))
-    raise NoStateSpaceForm(
-        f"kernel Product({type(kernel.k1).__name__}, {type(kernel.k2).__name__}) has no state-space "
-        "form: only products with a Constant (c * k) are Markov here. Use solver='dense'."
-    )
+    # (Σ_a k_a)(Σ_b k_b) = Σ_ab k_a k_b: one Kronecker block per pair.
+    firsts, seconds = state_space(kernel.k1), state_space(kernel.k2)
+    for component in firsts + seconds:
+        if not isinstance(component, Stationary):
+            raise NoStateSpaceForm(
+                f"kernel Product({type(kernel.k1).__name__}, {type(kernel.k2).__name__}) has no "
+                f"state-space form here: its factor with the {type(component).__name__} block is not "
+                "stationary (the curve kernels CubicSpline and Linear, or a Constant inside a sum); "
+                "products of stationary kernels (Matern12/32/52, SHO, Cosine, their sums and products) "
+                "are Markov. Use solver='dense'."
+            )
+    return tuple(Kronecker(a, b) for a in firsts for b in seconds)
 
 
 def _scaled(component, scale):
     if isinstance(component, Polynomial):
         return Polynomial(*(scale * v for v in component.parts()))
-    return dataclasses.replace(component, variance=scale * component.variance)
+    if isinstance(component, Oscillator):
+        return dataclasses.replace(component, sigma=jnp.sqrt(scale) * component.sigma)
+    if isinstance(component, Kronecker):
+        return dataclasses.replace(component, first=_scaled(component.first, scale))
+    if isinstance(component, (Matern, Exponential, Periodic)):
+        return dataclasses.replace(component, variance=scale * component.variance)
+    return Scaled(component, scale)
+
+
+@pytree_dataclass
+class Reread(Component):
+    """A block with a read-out ``H ≠ e₀``, in the basis ``s̃ = T s`` whose first entry is ``f``
+    (``T`` the identity with ``H`` as its first row, ``H[0] ≠ 0``): ``Ã = T A T⁻¹``,
+    ``Q̃ = T Q Tᵀ``, initial covariance ``T P Tᵀ``."""
+
+    block: Any
+
+    @property
+    def size(self):
+        return self.block.size
+
+    def _basis(self):
+        read = jnp.asarray(self.block.observation())
+        eye = jnp.eye(self.size, dtype=read.dtype)
+        forward = eye.at[0].set(read)
+        inverse = eye.at[0].set(jnp.concatenate([jnp.ones(1, read.dtype), -read[1:]]) / read[0])
+        return forward, inverse
+
+    def transition(self, h):
+        forward, inverse = self._basis()
+        return forward @ self.block.transition(h) @ inverse
+
+    def _congruence(self, m):
+        forward, _ = self._basis()
+        return forward @ m @ forward.T
+
+    def process_noise(self, h):
+        return self._congruence(self.block.process_noise(h))
+
+    def initial(self, t):
+        return self._congruence(self.block.initial(t))
+
+    def process_noise_factor(self, h):
+        return self._basis()[0] @ self.block.process_noise_factor(h)
+
+    def initial_factor(self, t):
+        return self._basis()[0] @ self.block.initial_factor(t)
+
+    def stationary(self):
+        return self._congruence(self.block.stationary())
+
+
+def model_components(kernel) -> tuple:
+    """``state_space(kernel)``, checked, with every block reading ``f`` as its first entry."""
+    components = state_space(kernel)
+    if not isinstance(components, tuple) or not components:
+        raise TypeError(
+            f"state_space of {type(kernel).__name__} must return a non-empty tuple of state-space "
+            f"components, got {components!r}"
+        )
+    out = []
+    for component in components:
+        if not isinstance(component, Component):
+            raise TypeError(
+                f"state_space of {type(kernel).__name__} returned a {type(component).__name__}; its "
+                "blocks must subclass gpgrad_jax.state_space.Component"
+            )
+        out.append(component if component.observation() is None else Reread(component))
+    return tuple(out)
+
+
+def may_kink(component) -> bool:
+    """Whether the block's kernel may have a kink at ``τ = 0`` (paths not differentiable)."""
+    if isinstance(component, Kronecker):
+        return may_kink(component.first) or may_kink(component.second)
+    if isinstance(component, (Scaled, Reread)):
+        return may_kink(component.block)
+    if isinstance(component, (Polynomial, Matern, Oscillator, Periodic)):
+        return False
+    # A user's block: stationary ones are checked (the kink's slope is 0 when there is none).
+    return callable(getattr(component, "stationary", None))

@@ -5,11 +5,14 @@ learnable constant.
 """
 
 from gpgrad_jax._kernels import (
+    SHO,
     Constant,
+    Cosine,
     CubicSpline,
     ExpSquared,
     Kernel,
     Linear,
+    Matern12,
     Matern32,
     Matern52,
     Product,
@@ -18,11 +21,14 @@ from gpgrad_jax._kernels import (
 )
 
 __all__ = [
+    "SHO",
     "Constant",
+    "Cosine",
     "CubicSpline",
     "ExpSquared",
     "Kernel",
     "Linear",
+    "Matern12",
     "Matern32",
     "Matern52",
     "Product",

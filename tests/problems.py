@@ -222,16 +222,48 @@ MARKOV_KERNELS = {
 
 MARKOV_NOISES = ("isotropic", "per_point", "per_point_rank_deficient")
 
+# Time-series kernels (generic state-space rule, kinks at ties): name -> factory(rng).
+TIME_SERIES_KERNELS = {
+    "matern12": lambda rng: kernels.Matern12(rng.uniform(0.5, 2.0), rng.uniform(0.3, 1.5)),
+    # quality below, at and above 1/2, where the closed forms change
+    "sho": lambda rng: kernels.SHO(
+        rng.uniform(0.5, 1.5), rng.uniform(1.0, 4.0), rng.choice([rng.uniform(0.15, 0.45), 0.5, rng.uniform(0.6, 5.0)])
+    ),
+    "cosine": lambda rng: kernels.Cosine(rng.uniform(0.5, 2.0), rng.uniform(0.8, 3.0)),
+    "quasi_periodic": lambda rng: (
+        kernels.Matern32(rng.uniform(0.5, 2.0), rng.uniform(0.5, 2.0)) * kernels.Cosine(1.0, rng.uniform(0.8, 3.0))
+        + kernels.Matern12(rng.uniform(0.1, 0.5), rng.uniform(0.3, 1.0))
+    ),
+    "sum_of_products": lambda rng: (
+        (kernels.Matern52(1.0, rng.uniform(0.5, 2.0)) + kernels.SHO(0.7, rng.uniform(1.0, 3.0), 2.0))
+        * kernels.Cosine(rng.uniform(0.5, 1.5), rng.uniform(0.8, 3.0))
+        * kernels.Matern12(1.0, rng.uniform(1.0, 3.0))
+        + rng.uniform(0.5, 2.0) * kernels.SHO(0.5, rng.uniform(1.0, 3.0), 0.3)
+    ),
+    "trend_plus_matern12": lambda rng: (
+        kernels.CubicSpline(rng.uniform(0.2, 1.0)) + kernels.Linear(0.5) + kernels.Matern12(rng.uniform(0.2, 1.0), 0.5)
+    ),
+}
+
 
 def make_markov_problem(
-    kernel_name: str, noise_kind: str, seed: int, dim: int | str = BY_STRUCTURE, n: int = N_POINTS
+    kernel_name: str,
+    noise_kind: str,
+    seed: int,
+    dim: int | str = BY_STRUCTURE,
+    n: int = N_POINTS,
+    kernel_table=None,
+    ties: int = 1,
 ) -> Problem:
-    """A problem for the state-space solvers: scalar indices in random order with a tie."""
+    """A problem for the state-space solvers: scalar indices in random order with ``ties`` ties
+    (each possibly a no-op), from ``MARKOV_KERNELS`` or ``kernel_table``."""
+    kernel_table = MARKOV_KERNELS if kernel_table is None else kernel_table
     rng = np.random.default_rng(seed)
-    dim, _, _, shape_rng = _structure(seed, dim, None, MARKOV_KERNELS, kernel_name, MARKOV_NOISES, noise_kind)
-    kernel = MARKOV_KERNELS[kernel_name](rng)
+    dim, _, _, shape_rng = _structure(seed, dim, None, kernel_table, kernel_name, MARKOV_NOISES, noise_kind)
+    kernel = kernel_table[kernel_name](rng)
     x = rng.permutation(rng.uniform(0.05, 3.0, n))
-    x[rng.integers(n)] = x[rng.integers(n)]  # a tie (or a no-op), anywhere
+    for _ in range(ties):
+        x[rng.integers(n)] = x[rng.integers(n)]  # a tie (or a no-op), anywhere
     y_shape = (n,) if dim == 1 else (n, dim)
     problem = Problem(
         kernel,

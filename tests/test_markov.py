@@ -342,10 +342,10 @@ def test_float32_long_curve_is_close_to_float64(x64):
             "ExpSquared has no state-space form",
         ),
         (
-            kernels.Matern32(1.0, 1.0) * kernels.Matern52(1.0, 1.0),
+            kernels.CubicSpline(1.0) * kernels.Matern52(1.0, 1.0),
             noise.Isotropic(0.3),
             jnp.linspace(0, 1, 5),
-            "Product(Matern32, Matern52)",
+            "Product(CubicSpline, Matern52)",
         ),
         (
             kernels.Matern32(1.0, 1.0),
