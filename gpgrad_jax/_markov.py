@@ -21,6 +21,13 @@ additively in ``P⁻``, so ``∂L/∂σ² = Σ_k ⟨½(ν_kν_kᵀ − qN_k), Q�
 linear variances read ``½(ν_1ν_1ᵀ − qN_1)`` at the first point. With the factored marginals
 ``Cov(s|y) = left rightᵀ``, ``tr(Λ Cov(R s, f)) = Σ (B R left) ⊙ (C right)``.
 
+**Any other block** (Matérn 1/2, SHO parameters, Cosine, Kronecker products, users' blocks:
+``gpgrad_jax.state_space``) takes the generic rule: the smoother's adjoints give every step's
+``Ā_k = ν_k m_{k−1|k−1}ᵀ + 2Γ_k A_k P_{k−1|k−1}`` and ``Q̄_k = Γ_k`` (``step_cotangents``), one
+``jax.vjp`` of the block's small per-step functions maps them to its parameters and to the
+steps ``h_k`` (hence to ``x``), and where indices tie a kinked kernel gets the mean of the
+one-sided derivatives (``tie_correction``). ``docs/math.md`` section 4b has the derivation.
+
 **Higher derivatives.** The rule's backward pass is itself differentiable (``jax.hessian``,
 ``jax.jacrev(jax.grad(f))``). A factor of the process noise is not differentiable at a tie
 (``L(h) ∝ √h``), so the square-root form's derivatives — of the value, of the rule's
@@ -52,7 +59,7 @@ from gpgrad_jax._markov_model import (
 from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import transpose as _t
-from gpgrad_jax._statespace import Matern, Polynomial, may_kink, model_components, unit_cubic_noise
+from gpgrad_jax._statespace import Kronecker, Matern, Polynomial, may_kink, model_components, unit_cubic_noise
 from gpgrad_jax._validation import check_finite_value, check_state_space_precision
 
 Array = Any
@@ -219,11 +226,65 @@ def _per_step(component, steps, first_index):
     return component.transition(steps), component.process_noise(steps), component.initial(first_index)
 
 
-def generic_cotangents(component, a_bar, q_bar, model: Model):
-    """``(θ̄, h̄, x̄₀)`` of one block from its steps' ``(Ā, Q̄)``: one ``jax.vjp`` of its small
-    per-step functions, vectorised over the steps (``h̄`` for ``h_1 … h_{n−1}``)."""
-    _, vjp = jax.vjp(_per_step, component, model.h[1:], model.x[0])
-    return vjp((a_bar[1:], q_bar[1:], q_bar[0]))
+def generic_cotangents(component, a_bar, q_bar, model: Model, want_parameters: bool):
+    """``(θ̄, h̄, x̄₀)`` of one block from its steps' ``(Ā, Q̄)`` (``θ̄`` is ``None`` unless
+    ``want_parameters``; ``h̄`` for ``h_1 … h_{n−1}``), by autodiff of its small per-step
+    functions, vectorised over the steps: forward mode for ``h̄`` and ``x̄₀`` (step ``k`` depends
+    on ``h_k`` alone, so one ``jax.jvp`` gives every ``A'(h_k)``, ``Q'(h_k)``), one ``jax.vjp``
+    for the parameters."""
+    steps, first = model.h[1:], model.x[0]
+    _, (a_dot, q_dot, prior_dot) = jax.jvp(
+        lambda h, t: _per_step(component, h, t), (steps, first), (jnp.ones_like(steps), jnp.ones_like(first))
+    )
+    h_bar = jnp.sum(a_bar[1:] * a_dot + q_bar[1:] * q_dot, axis=(-2, -1))
+    first_bar = jnp.sum(q_bar[0] * prior_dot)
+    parameters_bar = None
+    if want_parameters:
+        if isinstance(component, Kronecker):
+            parameters_bar = _kronecker_cotangents(component, a_bar, q_bar, model)
+        else:
+            _, vjp = jax.vjp(lambda c: _per_step(c, steps, first), component)
+            (parameters_bar,) = vjp((a_bar[1:], q_bar[1:], q_bar[0]))
+    return parameters_bar, h_bar, first_bar
+
+
+def _contract(bar, other, k1, k2, keep_first):
+    """For ``M = X ⊗ Y`` with cotangent ``bar`` (``…, k1·k2, k1·k2``): ``X̄ = Σ bar ⊙ Y`` over
+    ``Y``'s indices (``keep_first``) or ``Ȳ = Σ bar ⊙ X`` over ``X``'s — broadcast products and
+    sums, not dots (see ``small_matmul``)."""
+    split = bar.reshape(*bar.shape[:-2], k1, k2, k1, k2)
+    if keep_first:
+        return jnp.sum(split * other[..., None, :, None, :], axis=(-3, -1))
+    return jnp.sum(split * other[..., :, None, :, None], axis=(-4, -2))
+
+
+def _factor_steps(factor, steps):
+    return factor.transition(steps), factor.process_noise(steps), factor.stationary()
+
+
+def _kronecker_cotangents(component, a_bar, q_bar, model: Model):
+    """The Kronecker block's parameter cotangents by the product rule on its factors, in closed
+    form: ``A = A₁ ⊗ A₂``, ``Q = Q₁ ⊗ K₂ + P₁ ⊗ Q₂`` (``K₂ = A₂P₂A₂ᵀ``), prior ``P₁ ⊗ P₂``; then
+    one ``jax.vjp`` per factor (its own small functions, not the products')."""
+    first, second = component.first, component.second
+    k1, k2 = first.size, second.size
+    steps = model.h[1:]
+    (a1, q1, p1), vjp1 = jax.vjp(_factor_steps, first, steps)
+    (a2, q2, p2), vjp2 = jax.vjp(_factor_steps, second, steps)
+    step_a, step_q, prior = a_bar[1:], q_bar[1:], q_bar[0]
+    kept = _mm(_mm(a2, p2), _t(a2))
+    a1_bar = _contract(step_a, a2, k1, k2, True)
+    a2_bar = _contract(step_a, a1, k1, k2, False)
+    q1_bar = _contract(step_q, kept, k1, k2, True)
+    kept_bar = _contract(step_q, q1, k1, k2, False)
+    q2_bar = _contract(step_q, jnp.broadcast_to(p1, q1.shape), k1, k2, False)
+    p1_bar = jnp.sum(_contract(step_q, q2, k1, k2, True), axis=0) + _contract(prior, p2, k1, k2, True)
+    # K₂ = A₂ P₂ A₂ᵀ with P₂ symmetric.
+    a2_bar = a2_bar + _mm(_mm(kept_bar + _t(kept_bar), a2), p2)
+    p2_bar = jnp.sum(_mm(_mm(_t(a2), kept_bar), a2), axis=0) + _contract(prior, p1, k1, k2, False)
+    first_bar, _ = vjp1((a1_bar, q1_bar, p1_bar))
+    second_bar, _ = vjp2((a2_bar, q2_bar, p2_bar))
+    return Kronecker(first_bar, second_bar)
 
 
 def _segmented_cumsum(values, starts, reverse=False):
@@ -286,7 +347,8 @@ def kernel_and_index_cotangents(components, lay, terms, smoothed, filtered_momen
         bar = None
         if needed:
             block = (slice(None), slice(start, stop), slice(start, stop))
-            bar, h_bar, x0_bar = generic_cotangents(component, a_bar[block], q_bar[block], model)
+            want_parameters = want_kernel and not _identity_parameters(component, generic)
+            bar, h_bar, x0_bar = generic_cotangents(component, a_bar[block], q_bar[block], model, want_parameters)
             if not _identity_index(component, generic):
                 h_bar = jnp.concatenate([jnp.zeros(1, h_bar.dtype), h_bar])  # h_0 = 0 is no step
                 grad_x = grad_x + h_bar - shift_back(h_bar)  # h_k = x_k − x_{k−1}
@@ -298,8 +360,13 @@ def kernel_and_index_cotangents(components, lay, terms, smoothed, filtered_momen
             bar = _identity_cotangent(component, term, prior_block, model)
         out.append(bar if want_kernel else None)
     if any(may_kink(c) and not _identity_index(c, generic) for c in components):
+        # Ties are rare in practice: the segmented scans run only when there is one.
         z = _mm(_t(model.blocks), smoothed.residual)
-        grad_x = grad_x + tie_correction(slope, smoothed, model, lay, z)
+        grad_x = grad_x + jax.lax.cond(
+            jnp.any(model.h[1:] == 0),
+            lambda: tie_correction(slope, smoothed, model, lay, z),
+            lambda: jnp.zeros_like(grad_x),
+        )
     return tuple(out), grad_x
 
 

@@ -59,14 +59,28 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
+_MAPPINGS_BEFORE_RELEASE = 20_000
+
+
+def _memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux: no such limit to watch
+        return 0
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop JAX's compiled programs after each test module. Each one keeps a few memory
-    mappings of machine code; a worker of the full profile compiles tens of thousands and
-    crossed the kernel's limit of 65530 mappings (``vm.max_map_count``) — a native crash."""
+    """Drop JAX's compiled programs after a test module once the process holds many memory
+    mappings. Each compiled program keeps a few mappings of machine code; a worker of the full
+    profile compiles tens of thousands and crossed the kernel's limit of 65530
+    (``vm.max_map_count``; 62903 measured just before) — a native crash. Only when needed: the
+    recompilations cost the fast profile time."""
     yield
-    jax.clear_caches()
-    gc.collect()
+    if _memory_mappings() > _MAPPINGS_BEFORE_RELEASE:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,38 @@ def test_jittered_times_recovers_time_stamps(tmp_path):
 
 
 @pytest.mark.slow
+def test_co2_example_learns_the_year_and_repairs_dates(tmp_path):
+    pytest.importorskip("statsmodels")  # the data set; .ci/run installs the examples' extra
+    lines = _run("co2_time_stamps.py", tmp_path=tmp_path)
+    learned = next(line for line in lines if line.startswith("learned:"))
+    period = float(learned.split("period ")[1].split(",")[0])
+    assert abs(period - 1.0) < 0.01, learned
+    last = lines[-1]
+    assert last.startswith("time-stamp error: ")
+    before, after = (float(v) for v in last.removeprefix("time-stamp error: ").split(" -> "))
+    assert after <= 0.85 * before, last
+    assert (tmp_path / "co2_time_stamps.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_time_series_benchmark_quick_mode_writes_json_and_plot(tmp_path):
+    import json
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "time_series.py"), "--quick", "--out", str(tmp_path), "--label", "smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    for row in report["rows"]:
+        assert row["checks"]["gradient_vs_autodiff"] < 1e-8
+        assert row["checks"].get("gradient_vs_tinygp", 0.0) < 1e-8
+    assert (tmp_path / "smoke.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
 def test_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     import json
 
