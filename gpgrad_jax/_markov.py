@@ -23,9 +23,9 @@ linear variances read ``½(ν_1ν_1ᵀ − qN_1)`` at the first point. With the 
 
 **Any other block** (Matérn 1/2, SHO parameters, Cosine, Kronecker products, users' blocks:
 ``gpgrad_jax.state_space``) takes the generic rule: the smoother's adjoints give every step's
-``Ā_k = ν_k m_{k−1|k−1}ᵀ + 2Γ_k A_k P_{k−1|k−1}`` and ``Q̄_k = Γ_k`` (``step_cotangents``), one
-``jax.vjp`` of the block's small per-step functions maps them to its parameters and to the
-steps ``h_k`` (hence to ``x``), and where indices tie a kinked kernel gets the mean of the
+``Ā_k = ν_k m_{k−1|k−1}ᵀ + 2Γ_k A_k P_{k−1|k−1}`` and ``Q̄_k = Γ_k`` (``step_cotangents``),
+autodiff of the block's small per-step functions maps them to its parameters (``jax.vjp``) and
+to the steps ``h_k`` (``jax.jvp``; hence to ``x``), and where indices tie a kinked kernel gets the mean of the
 one-sided derivatives (``tie_correction``). ``docs/math.md`` section 4b has the derivation.
 
 **Higher derivatives.** The rule's backward pass is itself differentiable (``jax.hessian``,
@@ -172,15 +172,6 @@ def marginal_terms(smoothed: Smoothed, model: Model, lay: Layout, components, ge
         b_cov = _mm(smoothed.c_right, _t(_group_sum(smoothed.left, lay, p, lay.starts)))
     spread = _mm(smoothed.residual, _t(rho)) + q * b_cov
     return grad_x, terms, Marginals(z, spread)
-
-
-def _prior_gradients(smoothed: Smoothed, p: int, k: int):
-    """``½(ν_kν_kᵀ − q N_k)``, the gradient in ``P⁻_k``, summed over the ``p`` coordinates: (n, k, k)."""
-    n, _, q = smoothed.nu.shape
-    nu = smoothed.nu.reshape(n, p, k, q)
-    info = smoothed.info.reshape(n, p, k, p, k)
-    outer = jnp.einsum("najq,nalq->njl", nu, nu)
-    return 0.5 * (outer - q * jnp.einsum("najal->njl", info))
 
 
 def _identity_cotangent(component, term, prior_block, model):

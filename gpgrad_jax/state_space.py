@@ -21,9 +21,9 @@ leading axes of ``h`` and ``t``):
 
 All of them must be JAX functions of the block's fields. **The gradient is then exact and in
 closed form**: the smoother gives the cotangents $\bar A_k$, $\bar Q_k$ of every step and of the
-first state's prior (``docs/math.md``, "Any state-space model"), and one ``jax.vjp`` of your
-small per-step functions, vectorised over the steps, maps them to your parameters and to the
-steps $h_k$ — hence to the indices. Autodiff never runs through the filter. Kernels with a kink
+first state's prior (``docs/math.md``, section 4b), and autodiff of your small per-step
+functions, vectorised over the steps, maps them to your parameters (one ``jax.vjp``) and to the
+steps $h_k$ — hence to the indices (one ``jax.jvp``). Autodiff never runs through the filter. Kernels with a kink
 at $\tau = 0$ (paths that are not differentiable, as for Matérn 1/2) are handled: where indices
 tie, the gradient is the mean of the one-sided derivatives, as the dense solver's.
 

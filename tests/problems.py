@@ -289,3 +289,31 @@ def jaxpr_shapes(fn, *args) -> set:
 
     collect(jax.make_jaxpr(fn)(*args).jaxpr)
     return shapes
+
+
+def _value_and_grads(solver, *args):
+    import functools
+
+    import gpgrad_jax as gg
+
+    return jax.value_and_grad(functools.partial(gg.log_marginal_likelihood, solver=solver), argnums=(0, 1, 2, 3, 4))(*args)
+
+
+def _against_dense(solver, *args):
+    """One compilation per shape and structure: the solver's rule, its explicit gradient, dense."""
+    import gpgrad_jax as gg
+
+    return _value_and_grads(solver, *args), gg.index_gradient(*args, solver=solver), _value_and_grads("dense", *args)
+
+
+against_dense = jax.jit(_against_dense, static_argnums=0)
+
+
+def check_against_dense(solver: str, problem: Problem, rtol: float) -> None:
+    """Value, every cotangent (kernel, x, y, noise, mean) and ``index_gradient`` of ``solver``
+    against the dense solver's."""
+    (value, grads), explicit, (ref_value, ref_grads) = against_dense(solver, *problem.args())
+    assert_trees_close(value, ref_value, rtol, f"{solver} value")
+    for name, grad, ref in zip(("kernel", "x", "y", "noise", "mean"), grads, ref_grads):
+        assert_trees_close(grad, ref, rtol, f"{solver} d/d{name}")
+    assert_trees_close(explicit, (ref_value, ref_grads[1]), rtol, f"{solver} index_gradient")

@@ -15,6 +15,7 @@ from problems import (
     MARKOV_KERNELS,
     MARKOV_NOISES,
     assert_trees_close,
+    check_against_dense,
     data_dims,
     jaxpr_shapes,
     kernel_noise_pairs,
@@ -38,31 +39,13 @@ def _value_and_grads(solver, *args, of=gg.log_marginal_likelihood):
     return jax.value_and_grad(fn, argnums=ALL_ARGS)(*args)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def against_dense(solver, *args):
-    """One compilation per shape and structure: the solver's rule, its explicit gradient, dense."""
-    return (
-        _value_and_grads(solver, *args),
-        gg.index_gradient(*args, solver=solver),
-        _value_and_grads("dense", *args),
-    )
-
-
-def _check_against_dense(solver, problem, rtol):
-    (value, grads), explicit, (ref_value, ref_grads) = against_dense(solver, *problem.args())
-    assert_trees_close(value, ref_value, rtol, f"{solver} value")
-    for name, grad, ref in zip(("kernel", "x", "y", "noise", "mean"), grads, ref_grads):
-        assert_trees_close(grad, ref, rtol, f"{solver} d/d{name}")
-    assert_trees_close(explicit, (ref_value, ref_grads[1]), rtol, f"{solver} index_gradient")
-
-
 @pytest.mark.float32
 @pytest.mark.parametrize("kernel_name, noise_kind", kernel_noise_pairs(MARKOV_KERNELS, MARKOV_NOISES))
 @given(seed=seeds, dim=data_dims)
 def test_markov_solver_equals_the_dense_solver(kernel_name, noise_kind, seed, dim, rtol):
     """Value and the cotangent of every input, for unsorted indices with ties and rank-deficient
     or zero noise blocks: 1e-9 relative in float64."""
-    _check_against_dense("markov", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
+    check_against_dense("markov", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
 
 
 @pytest.mark.slow  # compiling the associative scans takes 5–20 s per shape on CPU
@@ -76,7 +59,7 @@ def test_markov_solver_equals_the_dense_solver(kernel_name, noise_kind, seed, di
 def test_parallel_solver_equals_the_dense_solver(kernel_name, noise_kind, dim, seed, rtol):
     """The associative scans share everything after the filter and smoother with ``"markov"``:
     a few structures suffice."""
-    _check_against_dense("markov-parallel", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
+    check_against_dense("markov-parallel", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
