@@ -118,7 +118,11 @@ def _tinygp_kernels():
     }
 
 
-@pytest.mark.parametrize("name", ["matern12", "sho_underdamped", "sho_critical", "sho_overdamped", "cosine", "quasi_periodic"])
+@pytest.mark.parametrize(
+    "name",
+    ["matern12", "sho_critical", "quasi_periodic"]
+    + [pytest.param(n, marks=pytest.mark.slow) for n in ("sho_underdamped", "sho_overdamped", "cosine")],
+)
 def test_agrees_with_tinygp_quasiseparable(name, x64):
     """The log density against tinygp's quasiseparable solver on the same kernel, to 1e-9."""
     if not x64:
@@ -179,7 +183,7 @@ def test_ties_take_the_mean_of_the_one_sided_derivatives(kernel_name, solver, x6
     [
         kernels.Matern12(1.3, 0.7),
         pytest.param(kernels.SHO(1.0, 2.0, 0.3), marks=pytest.mark.slow),
-        kernels.SHO(1.0, 2.0, 0.5),
+        pytest.param(kernels.SHO(1.0, 2.0, 0.5), marks=pytest.mark.slow),
         pytest.param(kernels.SHO(1.0, 2.0, 4.0), marks=pytest.mark.slow),
         pytest.param(kernels.Cosine(1.0, 1.3), marks=pytest.mark.slow),
         kernels.Matern32(1.0, 1.2) * kernels.Cosine(0.8, 1.7) + kernels.Matern12(0.5, 0.4),
