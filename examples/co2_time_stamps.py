@@ -11,9 +11,10 @@ package, nothing is downloaded): 2225 weekly means in ppm after dropping the wee
               + Matern12(σ_e², ℓ_e))                          (weather: short, rough excursions)
 
 and ``ε ~ N(0, σ_n²)``. Every one of these is a state-space kernel (the product is a Kronecker
-block), so ``solver="markov"`` evaluates the log density and its closed-form gradient — in all
-nine hyperparameters, the period ``p`` among them — in O(n). ``optax.lbfgs`` maximises it over
-the log-parameters, from a period of 0.9 years.
+block), so ``solver="markov"`` evaluates the log density and its closed-form gradient — in the
+seven hyperparameters (σ_s, σ_q, ℓ_q, p, σ_e, ℓ_e, σ_n; the linear and constant variances stay
+at 1 ppm²), the period among them — in O(n). ``optax.lbfgs`` maximises it over the
+log-parameters, from a period of one year (it learns 0.9994).
 
 **2. The dates, repaired.** Each date is then moved by a random error of three weeks (sd), as
 if the record had been copied with a sloppy calendar (911 neighbours end up out of order).
