@@ -454,6 +454,16 @@ class Kronecker(Stationary):
     def size(self):
         return self.first.size * self.second.size
 
+    def observation(self):
+        """``H₁ ⊗ H₂`` when a factor reads other than its first entry (``None``: both do)."""
+        reads = [block.observation() for block in (self.first, self.second)]
+        if all(read is None for read in reads):
+            return None
+        first, second = (
+            jnp.eye(block.size)[0] if read is None else jnp.asarray(read) for block, read in zip((self.first, self.second), reads)
+        )
+        return (first[:, None] * second[None, :]).reshape(-1)
+
     def transition(self, h):
         return _kron(self.first.transition(h), self.second.transition(h))
 

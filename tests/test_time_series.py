@@ -397,3 +397,13 @@ def test_second_derivatives_through_the_generic_rule(x64):
     ]
     assert_trees_close(hessians[0], hessians[2], 1e-9, "markov hessian")
     assert_trees_close(hessians[1], hessians[2], 1e-9, "markov-parallel hessian")
+
+
+@pytest.mark.slow
+def test_a_registered_block_with_its_own_read_out_inside_a_product(x64):
+    """``H₁ ⊗ H₂`` for a product whose factor reads ``f + c f'``: equal to the dense solver."""
+    if not x64:
+        pytest.skip("float64 comparison")
+    problem = make_markov_problem("matern12", "per_point", 6, 1, kernel_table=TIME_SERIES_KERNELS)
+    problem.kernel = _MixedMatern(jnp.asarray(1.3), jnp.asarray(0.8), jnp.asarray(0.4)) * kernels.Cosine(1.0, 2.0)
+    check_against_dense("markov", problem, 1e-9)
