@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import jax
@@ -451,8 +452,8 @@ def damped_oscillation(damping, squared_frequency, t):
     u_near = jnp.where(near, u, 0.0)
     cos_series = sin_series = jnp.zeros_like(u)
     for j in reversed(range(12)):  # Σ (−u)^j/(2j)!, Σ (−u)^j/(2j+1)!: 1/24! < 2e-24
-        cos_series = 1.0 / _factorial(2 * j) - u_near * cos_series
-        sin_series = 1.0 / _factorial(2 * j + 1) - u_near * sin_series
+        cos_series = 1.0 / math.factorial(2 * j) - u_near * cos_series
+        sin_series = 1.0 / math.factorial(2 * j + 1) - u_near * sin_series
     decay = jnp.exp(-damping * t)
     series = decay * cos_series, decay * t * sin_series
     positive = jnp.asarray(squared_frequency) > 0
@@ -467,13 +468,6 @@ def damped_oscillation(damping, squared_frequency, t):
     hyper = 0.5 * slow * (1.0 + jnp.exp(-2.0 * beta * t)), -slow * jnp.expm1(-2.0 * beta * t) / (2.0 * beta)
     pick = lambda i: jnp.where(near, series[i], jnp.where(positive, trig[i], hyper[i]))  # noqa: E731
     return pick(0), pick(1)
-
-
-def _factorial(m):
-    out = 1.0
-    for i in range(2, m + 1):
-        out *= i
-    return out
 
 
 @pytree_dataclass

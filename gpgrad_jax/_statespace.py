@@ -240,6 +240,21 @@ class Matern(Stationary):
 _SERIES_LIMIT = 0.8
 
 
+#: Taylor terms of the scaled process noise ``Q̃(t)`` per dtype (measured: a few units of rounding).
+_SERIES_TERMS = {np.dtype("float32"): 18, np.dtype("float64"): 24}
+
+
+def _scaled_series_factor(scaled, t):
+    """``√t · diag(t^{size−1−a}) · chol(Σ_j scaled[j] tʲ)``: the factor of ``Q̂(t)`` from the
+    Taylor coefficients of its scaled form (``terms, size, size``), by Horner in ``t``."""
+    size = scaled.shape[-1]
+    series = jnp.zeros((*t.shape, size, size), t.dtype)
+    for j in reversed(range(scaled.shape[0])):
+        series = series * t[..., None, None] + scaled[j]
+    rows = jnp.stack([t ** (size - 1 - a) for a in range(size)], axis=-1)[..., :, None]
+    return _safe_sqrt(t)[..., None, None] * rows * cholesky(series)
+
+
 class _UnitMatern:
     """The Matérn SDE with ``λ = 1``, ``σ = 1``: ``F₀`` (companion matrix of ``(D + 1)^size``),
     ``P̂∞`` and the spectral density ``q̂`` of the white noise driving the last state."""
@@ -270,19 +285,12 @@ class _UnitMatern:
         a, b = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
         start = 2 * size - 1 - a - b
         self.scaled = np.stack([coefficients[start + j, a, b] for j in range(terms)])  # (terms, size, size)
-        self.scaled_terms = {np.dtype("float32"): 18, np.dtype("float64"): 24}
 
     def series_factor(self, t):
         """``√t · diag(t^{size−1−a}) · chol(Q̃(t))`` for small ``t``: exact at ``t = 0`` (zero), and
         accurate entry by entry because ``Q̃`` is well conditioned for all such ``t``."""
-        dtype = t.dtype
-        terms = self.scaled_terms.get(np.dtype(dtype), 20)
-        coefficients = jnp.asarray(self.scaled[:terms], dtype)
-        scaled = jnp.zeros((*t.shape, self.size, self.size), dtype)
-        for j in reversed(range(terms)):  # Horner in t
-            scaled = scaled * t[..., None, None] + coefficients[j]
-        rows = jnp.stack([t ** (self.size - 1 - a) for a in range(self.size)], axis=-1)[..., :, None]
-        return _safe_sqrt(t)[..., None, None] * rows * cholesky(scaled)
+        terms = _SERIES_TERMS.get(np.dtype(t.dtype), 20)
+        return _scaled_series_factor(jnp.asarray(self.scaled[:terms], t.dtype), t)
 
     def direct_factor(self, t):
         """``chol(P̂∞ − Â P̂∞ Âᵀ)`` with ``Â = e^{F₀t}``, for larger ``t``."""
@@ -412,7 +420,7 @@ def _companion_series_factor(drift, diffusion, t):
     Taylor coefficients of ``Q̂(t)`` are formed in JAX, so they follow the parameters."""
     size = drift.shape[-1]
     dtype = drift.dtype
-    terms = {np.dtype("float32"): 18}.get(np.dtype(dtype), 24)
+    terms = _SERIES_TERMS.get(np.dtype(dtype), 24)
     last = jnp.zeros(size, dtype).at[-1].set(1.0)
     powers = [last]
     for _ in range(2 * size + terms):
@@ -425,12 +433,7 @@ def _companion_series_factor(drift, diffusion, t):
         return diffusion * total / m
 
     table = jnp.stack([coefficient(m) for m in range(1, 2 * size + terms)])  # C_1 … C_{2·size+terms−1}
-    scaled = jnp.stack([table[start + j - 1, a, b] for j in range(terms)])
-    series = jnp.zeros((*t.shape, size, size), dtype)
-    for j in reversed(range(terms)):
-        series = series * t[..., None, None] + scaled[j]
-    rows = jnp.stack([t ** (size - 1 - i) for i in range(size)], axis=-1)[..., :, None]
-    return _safe_sqrt(t)[..., None, None] * rows * cholesky(series)
+    return _scaled_series_factor(jnp.stack([table[start + j - 1, a, b] for j in range(terms)]), t)
 
 
 def _kron(a, b):
