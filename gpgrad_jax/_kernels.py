@@ -290,8 +290,12 @@ def _times_scaled_offset(weight, a, b, lengthscale):
     ``weight``) underflows to 0; their product must be 0, not ``0 · inf = NaN``.
     """
     # Exactly 0 where a == b: under jit XLA may fold the two divisions into one by ℓ², which
-    # underflows to 0 for a tiny ℓ, and 0/0 would be NaN.
-    offset = jnp.where(a == b, 0.0, (a - b) / lengthscale / lengthscale)
+    # underflows to 0 for a tiny ℓ, and 0/0 would be NaN. The branch taken there is still
+    # (a − b)/ℓ² (with 1/ℓ² kept finite), so that its derivative — the kernel's second
+    # derivative at a tie, which Hessians in the indices need — is not lost.
+    inverse_square = 1.0 / lengthscale / lengthscale
+    inverse_square = jnp.where(jnp.isfinite(inverse_square), inverse_square, 0.0)
+    offset = jnp.where(a == b, (a - b) * inverse_square, (a - b) / lengthscale / lengthscale)
     return jnp.where(weight == 0, 0.0, weight * jnp.where(weight == 0, 0.0, offset))
 
 

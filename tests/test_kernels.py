@@ -66,6 +66,25 @@ def test_grad_first_matches_central_differences_including_the_diagonal(kernel_na
             np.testing.assert_allclose(hand[c], (plus - minus) / (2 * eps), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("kernel_name", ["exp_squared", "matern32", "matern52", "scaled_product_plus_constant"])
+def test_derivative_of_grad_first_at_a_tie_is_the_second_derivative(kernel_name, x64):
+    """``∂ grad_first(a, b)/∂a`` at ``a == b`` is ``∂²k/∂a²`` (``−σ²/ℓ²`` for the squared exponential),
+    not the zero a ``where`` guard would give: Hessians in the indices at ties and at inducing
+    inputs on data points use it."""
+    if not x64:
+        pytest.skip("finite differences need float64")
+    rng = np.random.default_rng(1)
+    kernel = KERNELS[kernel_name][0](rng, 2)
+    a = jnp.asarray(rng.normal(size=2))
+    hessian = jax.jacfwd(kernel.grad_first, argnums=0)(a, a)
+    eps = 1e-7  # the Matérn kernels' third derivative jumps at a tie: central differences are O(eps)
+    differences = np.stack(
+        [(kernel.grad_first(a + eps * e, a) - kernel.grad_first(a - eps * e, a)) / (2 * eps) for e in np.eye(2)], axis=1
+    )
+    np.testing.assert_allclose(hessian, differences, rtol=1e-5, atol=1e-7)
+    assert np.all(np.diagonal(hessian) < 0)
+
+
 def test_curve_kernel_closed_form_values():
     k = kernels.CubicSpline(2.0)
     # m = 1: 2 * (1/3 + 2 * 1/2) = 8/3 ; ∂k/∂a at (1, 3) = 2 * 1 * (3 - 1/2) = 5 ; at (3, 1): 2 * 1 * (1 - 1/2) = 1
