@@ -6,6 +6,7 @@ Examples:
 """
 
 from gpgrad_jax import kernels, noise, reference, state_space
+from gpgrad_jax._inducing import inducing_bound
 from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood, precision_form_log_likelihood
 from gpgrad_jax._predict import predict, sample_posterior
 from gpgrad_jax._validation import ConditioningWarning, FactorizationError, NumericalError, value_checks
@@ -17,6 +18,7 @@ __all__ = [
     "FactorizationError",
     "NumericalError",
     "index_gradient",
+    "inducing_bound",
     "kernels",
     "log_marginal_likelihood",
     "noise",

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpgrad_jax import _inducing as inducing_posterior
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._likelihood import prepare
 from gpgrad_jax._markov import MarkovSolver
@@ -32,6 +33,8 @@ def predict(
     solver: str = "auto",
     full_covariance: bool = False,
     noise_new: Noise | None = None,
+    inducing: Array | None = None,
+    jitter: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Posterior mean and variance (or full covariance) of the latent function at ``x_new``.
 
@@ -67,6 +70,13 @@ def predict(
         noise_new: the noise of *new observations* at ``x_new`` (e.g. ``noise`` itself for
             ``Isotropic`` noise): the variance or covariance is then that of $y_* = f_* + \varepsilon$,
             adding $\Lambda_\mathrm{new}^{-1}$. Its precision must be invertible.
+        inducing: inducing inputs $Z$ (``(m,)`` or ``(m, d)``): predict from the optimal
+            variational posterior of [``inducing_bound``][gpgrad_jax.inducing_bound] instead of
+            the exact posterior, in O(n m² + n_new m²) — mean $K_{*z} (K_{zz} + K_{zx} \Lambda K_{xz})^{-1} K_{zx} \Lambda (y - \mu)$
+            and variance $k_{**} - Q_{**} + K_{*z} (K_{zz} + K_{zx} \Lambda K_{xz})^{-1} K_{z*}$ (for
+            invertible $\Lambda$; computed in precision form). ``solver`` must then be ``"auto"`` and
+            ``full_covariance`` ``False``.
+        jitter: with ``inducing``, as in [``inducing_bound``][gpgrad_jax.inducing_bound].
 
     Returns:
         ``(mean, variance)``, each of shape ``(n_new,)`` for 1-D data or
@@ -92,9 +102,16 @@ def predict(
         >>> cov.shape
         (2, 3, 2, 3)
     """
+    if inducing is not None:
+        _check_inducing_options(solver, full_covariance=full_covariance)
+        kernel, noise, x, z, r, jitter = inducing_posterior.prepare(kernel, x, y, noise, inducing, mean, jitter)
     kernel, noise, x, r, x_new, mean_new, out_shape = _prepare_new(kernel, x, y, noise, x_new, mean, mean_new)
     if noise_new is not None:
         noise_new = _check_noise_new(noise_new, out_shape[0], r.shape[1], x.dtype)
+    if inducing is not None:
+        padded = _pad(x_new, _bucket(out_shape[0]), x.dtype)
+        offset, variance = inducing_posterior.predict(kernel, noise, x, z, r, padded, jitter)
+        return _finish_marginals(out_shape, mean_new, offset, variance, noise_new)
     if not full_covariance:
         # Padded to a power of two (with copies of a new point): a new n_new reuses the solver's
         # compiled program instead of compiling its own, which costs far more than the padding.
@@ -162,6 +179,8 @@ def sample_posterior(
     *,
     solver: str = "auto",
     noise_new: Noise | None = None,
+    inducing: Array | None = None,
+    jitter: float | None = None,
 ) -> jax.Array:
     r"""Draws from the posterior of the latent function at ``x_new`` (of new observations, with
     ``noise_new``).
@@ -175,6 +194,14 @@ def sample_posterior(
     * The dense solver draws $\mathrm{E}[f_*] + C^{1/2} \xi$ with $C^{1/2}$ the symmetric square root of the
       full posterior covariance of [``predict``][gpgrad_jax.predict] (eigenvalues below zero, rounding, are
       clipped): exact for a positive semi-definite covariance, whatever its rank; O((nD)³ + (n_new D)³).
+    * With ``inducing``, draws of the variational posterior of
+      [``inducing_bound``][gpgrad_jax.inducing_bound] in O(n m² + n_new m): the inducing values
+      $u \sim q(u)$, shared by all new points, then $\mathrm{E}[f_* \mid u]$ plus the residual
+      $f_* - \mathrm{E}[f_* \mid u]$ (variance $k_{**} - Q_{**}$) drawn point by point. Each draw's
+      marginals are exactly [``predict``][gpgrad_jax.predict]'s; across new points the draws are
+      correlated through $u$ only — the residual's own correlations, $K_{**} - Q_{**}$ off the
+      diagonal, would need an ``n_new × n_new`` factorisation (small when the inducing inputs
+      are dense where the new points are).
 
     $\xi$ is standard normal from ``key``. Draws are differentiable in the kernel's and the
     noise's parameters and the data (a reparameterisation); in the indices only away from ties,
@@ -192,6 +219,8 @@ def sample_posterior(
         mean_new: as there.
         solver: as there.
         noise_new: as there: draws of new observations instead of the latent function.
+        inducing: as in [``predict``][gpgrad_jax.predict]: draws of the inducing-point posterior.
+        jitter: as there.
 
     Returns:
         Shape ``(num_samples, n_new)`` for 1-D data or ``(num_samples, n_new, D)``.
@@ -208,10 +237,18 @@ def sample_posterior(
     """
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}")
+    if inducing is not None:
+        _check_inducing_options(solver)
+        kernel, noise, x, z, r, jitter = inducing_posterior.prepare(kernel, x, y, noise, inducing, mean, jitter)
     kernel, noise, x, r, x_new, mean_new, out_shape = _prepare_new(kernel, x, y, noise, x_new, mean, mean_new)
     n_new, dim = out_shape[0], r.shape[1]
     if noise_new is not None:
         noise_new = _check_noise_new(noise_new, n_new, dim, x.dtype)
+    if inducing is not None:
+        latent_key, noise_key = jax.random.split(key)
+        padded = _pad(x_new, _bucket(n_new), x.dtype)
+        draws = inducing_posterior.sample(latent_key, kernel, noise, x, z, r, jitter, padded, num_samples)
+        return _finish_draws(out_shape, noise_key, mean_new, draws, noise_new)
     chosen = resolve(solver, kernel, noise, x)
     if not isinstance(chosen, MarkovSolver):
         mean_new, covariance = _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new)
@@ -255,6 +292,19 @@ def _draw(key, num_samples, mean, covariance):
     root = vectors * jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
     standard = jax.random.normal(key, (num_samples, size), mean.dtype)
     return mean + (standard @ root.T).reshape(num_samples, *mean.shape)
+
+
+def _check_inducing_options(solver, full_covariance=False):
+    if solver != "auto":
+        raise ValueError(
+            f"`solver`: with `inducing` the variational posterior of the inducing-point bound is used; "
+            f"leave solver='auto', got {solver!r}"
+        )
+    if full_covariance:
+        raise ValueError(
+            "`full_covariance=True` is not available with `inducing` (it would be n_new × n_new): "
+            "use the marginal variances, or sample_posterior(..., inducing=...) for draws"
+        )
 
 
 def _bucket(n: int) -> int:

@@ -1,0 +1,406 @@
+r"""Titsias' collapsed inducing-point bound in precision form, with its closed-form ``custom_vjp``.
+
+With ``m`` inducing inputs ``Z``, ``K_zz + εI = L_z L_zᵀ``, ``A = L_z⁻¹ K_zx`` (``m × n``, column
+``a_i``) and ``Q = AᵀA = K_xz (K_zz + εI)⁻¹ K_zx``, the bound replaces ``K`` by ``Q`` in the
+precision-form likelihood and pays for the difference with a trace:
+
+    F_L = log N(w | 0, I + S (Q ⊗ I_D) Sᵀ) − ½ Σ_i tr(Λ_i) (k(x_i, x_i) − Q_ii),   w = S r.
+
+It is Titsias' bound for the whitened observation ``w = S f + e``, ``e ~ N(0, I)``: a lower bound on
+the exact ``L`` for every ``Z``, equal to it at ``Z = x`` (``ε → 0``). Block-diagonal noise
+``Λ_i = B_iᵀB_i`` (``p × p`` blocks shared by ``q`` columns, ``pq = D``) keeps it O(n m² p²): with
+``ρ_i = Λ_i r_i``,
+
+    B = I + Σ_i a_i a_iᵀ ⊗ Λ_i  (mp × mp),   c = Σ_i a_i ⊗ ρ_i  (mp × q),   β = B⁻¹c,
+    F_L = −½ Σ_i ⟨r_i, ρ_i⟩ + ½ ⟨c, β⟩ − (q/2) log|B| − (nD/2) log 2π − ½ Σ_i t_i (k_ii − ‖a_i‖²)
+
+(Woodbury and the determinant lemma; ``t_i = q tr Λ_i``). Nothing of size ``n × n`` exists.
+
+The rule (``docs/math.md`` section 5). With ``P = q B⁻¹ + ββᵀ`` and ``μ_i = Σ_j a_ij β_j`` (the
+variational posterior mean at ``x_i``),
+
+    Ā[:, i] = β ρ_iᵀ − Σ_{l,a,b} P[:, a, l, b] a_il Λ_i[a, b] + t_i a_i,
+    G_zx = L_z⁻ᵀ Ā  (= ∂F/∂K_zx),   Ḡ_zz = −½ L_z⁻ᵀ Ā Aᵀ L_z⁻¹  (= ∂F/∂K_zz),   ∂F/∂k_ii = −½ t_i,
+
+because ``F`` depends on ``A`` only through ``AᵀA`` (it is invariant under ``A → OA``, ``O``
+orthogonal). The index gradients are row sums against the kernel's ``grad_first``:
+
+    ∂F/∂x_i = Σ_j G_zx[j, i] ∂k(x_i, z_j)/∂x_i + 2 (∂F/∂k_ii) ∂k(x_i, x_i)/∂a,
+    ∂F/∂z_j = Σ_i G_zx[j, i] ∂k(z_j, x_i)/∂z_j + 2 Σ_l Ḡ_zz[j, l] ∂k(z_j, z_l)/∂z_j,
+
+and ``r̄_i = −Λ_i (r_i − μ_i)``, ``Λ̄_i = −½ r_i r_iᵀ + sym(μ_i r_iᵀ) − ½ (a_i ⊗ I)ᵀ P (a_i ⊗ I)
+− ½ q (k_ii − ‖a_i‖²) I``, then ``B̄_i = 2 B_i Λ̄_i`` for the noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import cho_solve, solve_triangular
+
+from gpgrad_jax._kernels import Kernel
+from gpgrad_jax._linalg import cho_inverse
+from gpgrad_jax._noise import BlockDiagonal, Noise
+from gpgrad_jax._rules import unwrap_primals
+from gpgrad_jax._validation import _as_float_array, _check_rule, _kernel_names, check_finite, check_finite_output
+
+Array = Any
+
+
+def default_jitter(dtype) -> float:
+    """The relative jitter ``ε / mean k(z_j, z_j)`` added to ``K_zz``: 1e-6 in float64, 1e-4 in float32."""
+    return 1e-6 if jnp.finfo(dtype).bits == 64 else 1e-4
+
+
+class Blocks(NamedTuple):
+    """The noise precision per point, ``Λ_i = B_iᵀB_i`` (``(n, p, p)``), shared by ``q`` columns."""
+
+    root: Array  # B_i, (n, p, p)
+    precision: Array  # Λ_i, (n, p, p)
+    columns: int  # q
+
+
+def noise_blocks(noise, n, dim) -> Blocks:
+    root, q = noise.observation_blocks(n, dim)
+    return Blocks(root, jnp.einsum("iab,iac->ibc", root, root), q)
+
+
+class Bound(NamedTuple):
+    """``F_L`` and what the rule reuses."""
+
+    value: Array
+    chol_z: Array  # L_z, (m, m)
+    a: Array  # A = L_z⁻¹ K_zx, (m, n)
+    chol_b: Array  # chol(B), (mp, mp)
+    beta: Array  # B⁻¹ c, (m, p, q)
+    kernel_diagonal: Array  # k(x_i, x_i), (n,)
+
+
+def _jittered_gram(kernel, z, jitter):
+    kzz = kernel.matrix(z, z)
+    eps = jitter * jnp.mean(jnp.diagonal(kzz))
+    return kzz + eps * jnp.eye(z.shape[0], dtype=kzz.dtype)
+
+
+def _posterior_precision(a, precision):
+    """``B = I + Σ_i a_i a_iᵀ ⊗ Λ_i`` as ``(mp, mp)``."""
+    m = a.shape[0]
+    p = precision.shape[-1]
+    if p == 1:  # the isotropic case: one m × m product
+        core = (a * precision[:, 0, 0]) @ a.T
+    else:
+        core = jnp.einsum("ji,iab,li->jalb", a, precision, a).reshape(m * p, m * p)
+    return core + jnp.eye(m * p, dtype=a.dtype)
+
+
+def bound(kernel, noise, x, z, r, jitter) -> Bound:
+    """The forward pass: ``F_L`` in O(n m² p²) time and O(n m) memory."""
+    n, dim = r.shape
+    m = z.shape[0]
+    blocks = noise_blocks(noise, n, dim)
+    p, q = blocks.precision.shape[-1], blocks.columns
+    residual = r.reshape(n, p, q)
+    rho = blocks.precision @ residual  # Λ_i r_i
+    chol_z = jnp.linalg.cholesky(_jittered_gram(kernel, z, jitter))
+    a = solve_triangular(chol_z, kernel.matrix(z, x), lower=True)
+    chol_b = jnp.linalg.cholesky(_posterior_precision(a, blocks.precision))
+    c = jnp.einsum("ji,iaq->jaq", a, rho).reshape(m * p, q)
+    beta = cho_solve((chol_b, True), c)
+    kernel_diagonal = jax.vmap(kernel.evaluate)(x, x)
+    trace = q * jnp.trace(blocks.precision, axis1=-2, axis2=-1)
+    value = (
+        -0.5 * jnp.sum(residual * rho)
+        + 0.5 * jnp.sum(c * beta)
+        - q * jnp.sum(jnp.log(jnp.diagonal(chol_b)))
+        - 0.5 * n * dim * math.log(2.0 * math.pi)
+        - 0.5 * jnp.sum(trace * (kernel_diagonal - jnp.sum(a * a, axis=0)))
+    )
+    return Bound(value, chol_z, a, chol_b, beta.reshape(m, p, q), kernel_diagonal)
+
+
+class Cotangents(NamedTuple):
+    """``∂F/∂K_zx``, ``∂F/∂K_zz``, ``∂F/∂k_ii``, ``∂F/∂r`` and ``∂F/∂Λ_i``."""
+
+    cross: Array  # (m, n)
+    gram: Array  # (m, m), symmetric
+    diagonal: Array  # (n,)
+    residual: Array  # (n, D)
+    precision: Array  # (n, p, p), symmetric
+
+
+def matrix_cotangents(kernel, noise, x, z, r, jitter, fwd: Bound) -> Cotangents:
+    """The cotangents of the bound's matrices (module docstring), O(n m² p²)."""
+    n, dim = r.shape
+    m = z.shape[0]
+    blocks = noise_blocks(noise, n, dim)
+    p, q = blocks.precision.shape[-1], blocks.columns
+    a, beta = fwd.a, fwd.beta
+    residual = r.reshape(n, p, q)
+    rho = blocks.precision @ residual
+    beta_flat = beta.reshape(m * p, q)
+    weights = q * cho_inverse(fwd.chol_b) + beta_flat @ beta_flat.T  # P
+    trace = q * jnp.trace(blocks.precision, axis1=-2, axis2=-1)
+    posterior_mean = jnp.einsum("ji,jaq->iaq", a, beta)  # μ_i
+    a_bar = jnp.einsum("jaq,iaq->ji", beta, rho) + a * trace
+    if p == 1:
+        weighted = weights @ a  # Σ_l P_jl a_il, (m, n)
+        a_bar = a_bar - weighted * blocks.precision[:, 0, 0]
+        quadratic = jnp.sum(a * weighted, axis=0)[:, None, None]  # (a_i ⊗ I)ᵀ P (a_i ⊗ I)
+    else:
+        weighted = jnp.einsum("jalb,li->ijab", weights.reshape(m, p, m, p), a)
+        a_bar = a_bar - jnp.einsum("ijab,iab->ji", weighted, blocks.precision)
+        quadratic = jnp.einsum("ji,ijab->iab", a, weighted)
+    cross = solve_triangular(fwd.chol_z.T, a_bar, lower=False)  # L_z⁻ᵀ Ā
+    # −½ L_z⁻ᵀ (Ā Aᵀ) L_z⁻¹, symmetric in exact arithmetic: averaged with its transpose.
+    half = solve_triangular(fwd.chol_z.T, solve_triangular(fwd.chol_z.T, a_bar @ a.T, lower=False).T, lower=False)
+    gram = -0.25 * (half + half.T)
+    # The jitter ε = jitter · mean(diag K_zz) moves with K_zz's diagonal.
+    gram = gram + (jitter / m) * jnp.trace(gram) * jnp.eye(m, dtype=gram.dtype)
+    residual_bar = -(rho - blocks.precision @ posterior_mean)
+    outer = lambda u, v: jnp.einsum("iaq,ibq->iab", u, v)  # noqa: E731
+    mean_outer = outer(posterior_mean, residual)
+    leftover = fwd.kernel_diagonal - jnp.sum(a * a, axis=0)
+    precision_bar = (
+        -0.5 * outer(residual, residual)
+        + 0.5 * (mean_outer + jnp.swapaxes(mean_outer, -1, -2))
+        - 0.5 * quadratic
+        - 0.5 * q * leftover[:, None, None] * jnp.eye(p, dtype=r.dtype)
+    )
+    return Cotangents(cross, gram, -0.5 * trace, residual_bar.reshape(n, dim), precision_bar)
+
+
+def index_cotangents(kernel, x, z, cot: Cotangents):
+    """``(∂F/∂x, ∂F/∂Z)``: row sums of the matrix cotangents against ``grad_first``."""
+    # Written as products and sums (not einsum) so that XLA fuses each derivative matrix into
+    # its reduction: no (n, m, d) array is kept.
+    expand = lambda g, d: g.reshape(g.shape + (1,) * (d.ndim - 2))  # noqa: E731
+    d_xz = kernel.grad_first_matrix(x, z)  # ∂k(x_i, z_j)/∂x_i, (n, m[, d])
+    grad_x = jnp.sum(expand(cot.cross.T, d_xz) * d_xz, axis=1)
+    diagonal_slope = 2.0 * jax.vmap(kernel.grad_first)(x, x)  # d k(x_i, x_i)/d x_i
+    grad_x = grad_x + cot.diagonal.reshape((-1,) + (1,) * (diagonal_slope.ndim - 1)) * diagonal_slope
+    d_zx = kernel.grad_first_matrix(z, x)
+    d_zz = kernel.grad_first_matrix(z, z)
+    grad_z = jnp.sum(expand(cot.cross, d_zx) * d_zx, axis=1) + 2.0 * jnp.sum(expand(cot.gram, d_zz) * d_zz, axis=1)
+    return grad_x, grad_z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def precision_form_bound(kernel, noise, x, z, r, jitter):
+    return _forward(kernel, noise, x, z, r, jitter).value
+
+
+_forward = jax.jit(bound, static_argnums=5)
+
+
+def _bound_fwd(kernel, noise, x, z, r, jitter):
+    # symbolic_zeros: the kernel's and the noise's cotangents, each a VJP of small functions,
+    # are computed only when asked for.
+    (kernel, kernel_wanted), (noise, noise_wanted), (x, _), (z, _), (r, _) = map(
+        unwrap_primals, (kernel, noise, x, z, r)
+    )
+    fwd = _forward(kernel, noise, x, z, r, jitter)
+    return fwd.value, (kernel_wanted, noise_wanted, kernel, noise, x, z, r, fwd)
+
+
+def _bound_bwd(jitter, residuals, g):
+    kernel_wanted, noise_wanted, kernel, noise, x, z, r, fwd = residuals
+    return _backward(kernel_wanted, noise_wanted, jitter, kernel, noise, x, z, r, fwd, g)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _backward(kernel_wanted, noise_wanted, jitter, kernel, noise, x, z, r, fwd, g):
+    cot = matrix_cotangents(kernel, noise, x, z, r, jitter, fwd)
+    grad_x, grad_z = index_cotangents(kernel, x, z, cot)
+    kernel_bar = noise_bar = None
+    if kernel_wanted:
+        # θ̄ = ⟨G_zx, ∂K_zx/∂θ⟩ + ⟨Ḡ_zz, ∂K_zz/∂θ⟩ + ⟨∂F/∂k_ii, ∂k_ii/∂θ⟩ (indices held fixed).
+        _, kernel_vjp = jax.vjp(
+            lambda k: (k.matrix(z, x), k.matrix(z, z), jax.vmap(k.evaluate)(x, x)), kernel
+        )
+        (kernel_bar,) = kernel_vjp((g * cot.cross, g * cot.gram, g * cot.diagonal))
+    if noise_wanted:
+        n, dim = r.shape
+        root, noise_vjp = jax.vjp(lambda s: s.observation_blocks(n, dim)[0], noise)
+        (noise_bar,) = noise_vjp(2.0 * g * root @ cot.precision)  # Λ = BᵀB: B̄ = 2 B Λ̄
+    return kernel_bar, noise_bar, g * grad_x, g * grad_z, g * cot.residual
+
+
+precision_form_bound.defvjp(_bound_fwd, _bound_bwd, symbolic_zeros=True)
+
+
+def plain_precision_form_bound(kernel, noise, x, z, r, jitter):
+    """The same forward computation with no custom rule: the autodiff baseline."""
+    return bound(kernel, noise, x, z, r, jitter).value
+
+
+# ------------------------------------------------------------------ the variational posterior
+
+
+@functools.partial(jax.jit, static_argnums=6)
+def predict(kernel, noise, x, z, r, x_new, jitter):
+    """Mean offset ``(n_new, D)`` and marginal variance ``(n_new, D)`` of ``q(f_*)``.
+
+    ``q(v) = N(β, B⁻¹ ⊗ I_q)`` for the whitened inducing values ``v = L_z⁻¹ u``, and
+    ``f_* = a_*ᵀ v + (f_* − E[f_* | u])``: mean ``a_*ᵀ β``, variance
+    ``k_** − ‖a_*‖² + (a_* ⊗ I)ᵀ B⁻¹ (a_* ⊗ I)``. O(n m² p² + n_new m² p²).
+    """
+    fwd = bound(kernel, noise, x, z, r, jitter)
+    return _posterior_at(kernel, z, x_new, fwd)
+
+
+def _posterior_at(kernel, z, x_new, fwd: Bound):
+    m, p, q = fwd.beta.shape
+    a_new = solve_triangular(fwd.chol_z, kernel.matrix(z, x_new), lower=True)  # (m, n_new)
+    offset = jnp.einsum("ji,jaq->iaq", a_new, fwd.beta)
+    # (a_* ⊗ e_a)ᵀ B⁻¹ (a_* ⊗ e_a) = ‖chol(B)⁻¹ (a_* ⊗ e_a)‖²
+    columns = jnp.einsum("ji,ab->ijab", a_new, jnp.eye(p, dtype=a_new.dtype)).reshape(-1, m * p, p)
+    solved = solve_triangular(fwd.chol_b, jnp.moveaxis(columns, 0, 1).reshape(m * p, -1), lower=True)
+    explained = jnp.sum(solved**2, axis=0).reshape(-1, p)
+    prior = jax.vmap(kernel.evaluate)(x_new, x_new) - jnp.sum(a_new**2, axis=0)
+    variance = jnp.broadcast_to((prior[:, None] + explained)[:, :, None], offset.shape)
+    n_new = x_new.shape[0]
+    return offset.reshape(n_new, p * q), variance.reshape(n_new, p * q)
+
+
+@functools.partial(jax.jit, static_argnums=(6, 8))
+def sample(key, kernel, noise, x, z, r, jitter, x_new, num_samples):
+    """Draws of ``q(f_*)``, ``(num_samples, n_new, D)``: ``v ~ q(v)`` shared by the points, then
+    ``a_*ᵀ v`` plus the residual ``f_* − E[f_* | u]`` drawn point by point (its variance
+    ``k_** − Q_**``), so every draw's marginals are ``predict``'s. O(n m² p² + n_new m p).
+    """
+    fwd = bound(kernel, noise, x, z, r, jitter)
+    m, p, q = fwd.beta.shape
+    inducing_key, residual_key = jax.random.split(key)
+    standard = jax.random.normal(inducing_key, (num_samples, m * p, q), r.dtype)
+    # v = β + chol(B)⁻ᵀ ξ has covariance B⁻¹ (per column).
+    v = fwd.beta.reshape(m * p, q) + jax.vmap(lambda s: solve_triangular(fwd.chol_b.T, s, lower=False))(standard)
+    a_new = solve_triangular(fwd.chol_z, kernel.matrix(z, x_new), lower=True)
+    through_u = jnp.einsum("ji,sjaq->siaq", a_new, v.reshape(num_samples, m, p, q))
+    leftover = jnp.maximum(jax.vmap(kernel.evaluate)(x_new, x_new) - jnp.sum(a_new**2, axis=0), 0.0)
+    residual = jnp.sqrt(leftover)[None, :, None, None] * jax.random.normal(residual_key, through_u.shape, r.dtype)
+    n_new = x_new.shape[0]
+    return (through_u + residual).reshape(num_samples, n_new, p * q)
+
+
+# ------------------------------------------------------------------ the public function
+
+
+def prepare(kernel, x, y, noise, inducing, mean, jitter):
+    """Validated ``(kernel, noise, x, Z, r, jitter)`` in one floating dtype (``r = y − μ``, ``(n, D)``)."""
+    from gpgrad_jax._likelihood import prepare as prepare_problem
+
+    kernel, noise, x, r = prepare_problem(kernel, x, y, noise, mean)
+    if not isinstance(noise, BlockDiagonal):
+        raise ValueError(
+            f"`noise`: the inducing-point bound needs noise that is block diagonal per point "
+            f"(noise.Isotropic or noise.PerPoint), got noise.{type(noise).__name__}"
+        )
+    z = _as_float_array("inducing", inducing)
+    n = x.shape[0]
+    want = "(m,)" if x.ndim == 1 else f"(m, {x.shape[1]})"
+    if z.ndim != x.ndim or z.shape[1:] != x.shape[1:] or z.shape[0] < 1:
+        raise ValueError(
+            f"`inducing` must have shape {want} with m >= 1, like `x` of shape {x.shape} "
+            f"(one inducing input per row, in the index space of `x`), got shape {z.shape}"
+        )
+    check_finite("inducing", z)
+    anchored = _kernel_names(kernel, "nonnegative_index")
+    if anchored:
+        _check_rule("inducing", z, lambda a: a >= 0, f">= 0 for the {anchored} kernel (indices are positions from a curve's start)")
+    m = z.shape[0]
+    if m > n:
+        warnings.warn(
+            f"`inducing` has m = {m} points for n = {n} data points: the bound costs O(n m² + m³) "
+            f"time and O(n m + m²) memory, more than the exact likelihood's O(n³) and O(n²) here, "
+            "and is no tighter than with m = n inducing points at the data (where it is exact)",
+            UserWarning,
+            stacklevel=3,
+        )
+    if jitter is None:
+        jitter = default_jitter(x.dtype)
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not math.isfinite(jitter) or jitter < 0:
+        raise ValueError(f"`jitter` must be a Python number >= 0 (relative to the mean of k(z, z)), got {jitter!r}")
+    return kernel, noise, x, z.astype(x.dtype), r, float(jitter)
+
+
+def inducing_bound(
+    kernel: Kernel,
+    x: Array,
+    y: Array,
+    noise: Noise,
+    inducing: Array,
+    mean: Array | None = None,
+    *,
+    jitter: float | None = None,
+) -> jax.Array:
+    r"""Titsias' collapsed lower bound on the log marginal likelihood, with ``m`` inducing inputs.
+
+    With $Q = K_{xz} (K_{zz} + \varepsilon I)^{-1} K_{zx}$ and the noise precision
+    $\Lambda = \operatorname{blockdiag}(\Lambda_i)$, $\Lambda_i = B_i^\top B_i$,
+
+    $$
+    F = \log \mathcal{N}\bigl(y \mid \mu,\; Q \otimes I_D + \Lambda^{-1}\bigr)
+      - \tfrac12 \sum_i \operatorname{tr}(\Lambda_i)\,\bigl(k(x_i, x_i) - Q_{ii}\bigr)
+      \;\le\; \log p(y),
+    $$
+
+    computed in precision form (rank-deficient and zero blocks are fine, as in
+    [``log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood], whose noise-only term it
+    adds): a lower bound on the log density for every ``inducing``, equal to it when the inducing
+    inputs are the data's indices (up to the jitter). Maximise it over ``x``, ``inducing``, the
+    kernel and the noise together. O(n m² p²) time and O(n m) memory (``p = 1`` for
+    ``Isotropic`` noise, ``D`` for ``PerPoint``); no ``n × n`` array is formed.
+
+    ``jax.grad`` in any argument uses a hand-derived rule: with $G = \partial F / \partial K_{zx}$
+    and $\bar G_{zz} = \partial F / \partial K_{zz}$,
+
+    $$
+    \frac{\partial F}{\partial x_i} = \sum_j G_{ji}\, \frac{\partial k(x_i, z_j)}{\partial x_i} + \ldots,
+    \qquad
+    \frac{\partial F}{\partial z_j} = \sum_i G_{ji}\, \frac{\partial k(z_j, x_i)}{\partial z_j}
+      + 2 \sum_l (\bar G_{zz})_{jl}\, \frac{\partial k(z_j, z_l)}{\partial z_j},
+    $$
+
+    row sums against the kernel's ``grad_first`` (``docs/math.md``, section 5). Works under
+    ``jit``, ``vmap`` and reverse-over-reverse (``jax.hessian``), in float32 and float64.
+
+    Args:
+        kernel: any [``Kernel``][gpgrad_jax.kernels.Kernel] (built-in or ``@kernels.register``-ed).
+        x: index set, ``(n,)`` or ``(n, d)`` (latent positions of a GPLVM); any order, ties allowed.
+        y: data, ``(n,)`` or ``(n, D)``.
+        noise: [``Isotropic``][gpgrad_jax.noise.Isotropic] or [``PerPoint``][gpgrad_jax.noise.PerPoint].
+        inducing: the inducing inputs $Z$, ``(m,)`` or ``(m, d)`` like ``x``. ``m > n`` works but
+            costs more than the exact likelihood (a warning says so).
+        mean: prior mean, as in [``log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood].
+        jitter: $\varepsilon$ relative to the mean of $k(z_j, z_j)$ (a Python number; default
+            1e-6 in float64, 1e-4 in float32). The jitter is part of the model — inducing values
+            observed with that small noise — so $F$ stays a lower bound, and its gradient includes
+            the jitter's dependence on the kernel.
+
+    Returns:
+        The scalar bound.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import gpgrad_jax as gg
+        >>> from gpgrad_jax import kernels, noise
+        >>> x = jnp.linspace(0.0, 5.0, 200)
+        >>> k, nz = kernels.ExpSquared(1.0, 1.0), noise.Isotropic(0.1)
+        >>> F = gg.inducing_bound(k, x, jnp.sin(x), nz, jnp.linspace(0.0, 5.0, 12))
+        >>> bool(F <= gg.log_marginal_likelihood(k, x, jnp.sin(x), nz))
+        True
+        >>> grad_x, grad_z = jax.grad(gg.inducing_bound, argnums=(1, 4))(k, x, jnp.sin(x), nz, jnp.linspace(0.0, 5.0, 12))
+        >>> grad_x.shape, grad_z.shape
+        ((200,), (12,))
+    """
+    from gpgrad_jax._likelihood import noise_log_density_correction
+
+    kernel, noise, x, z, r, jitter = prepare(kernel, x, y, noise, inducing, mean, jitter)
+    value = precision_form_bound(kernel, noise, x, z, r, jitter)
+    check_finite_output(value)
+    return value + noise_log_density_correction(noise, *r.shape)
