@@ -203,8 +203,11 @@ def point_terms(kernel, z, shared: Shared, a, x, residual, precision, root, kern
     grad_x = jnp.sum(expand(cross.T, d_xz) * d_xz, axis=1)
     slope = 2.0 * jax.vmap(kernel.grad_first)(x, x)  # d k(x_i, x_i)/d x_i
     grad_x = grad_x + diagonal.reshape((-1,) + (1,) * (slope.ndim - 1)) * slope
-    d_zx = kernel.grad_first_matrix(z, x)
-    grad_z = jnp.sum(expand(cross, d_zx) * d_zx, axis=1)
+    if kernel.is_stationary():  # ∂k(z_j, x_i)/∂z_j = −∂k(x_i, z_j)/∂x_i: one derivative matrix
+        grad_z = -jnp.sum(expand(cross.T, d_xz) * d_xz, axis=0)
+    else:
+        d_zx = kernel.grad_first_matrix(z, x)
+        grad_z = jnp.sum(expand(cross, d_zx) * d_zx, axis=1)
     kernel_bar = None
     if want_kernel:
         _, kernel_vjp = jax.vjp(lambda k: (k.matrix(z, x), jax.vmap(k.evaluate)(x, x)), kernel)

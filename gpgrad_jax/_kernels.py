@@ -50,6 +50,13 @@ class Kernel(abc.ABC):
     nonnegative_index: ClassVar[bool] = False
     #: Names of the fields that must be strictly positive.
     positive_fields: ClassVar[tuple[str, ...]] = ()
+    #: True for kernels of ``a − b`` alone, so that ``grad_first(b, a) = −grad_first(a, b)``: the
+    #: inducing-point bound then reads the gradient in ``Z`` off the one in ``x``.
+    stationary: ClassVar[bool] = False
+
+    def is_stationary(self) -> bool:
+        """Whether every part is a function of ``a − b`` alone (``stationary``)."""
+        return all(part.stationary for part in self.parts())
 
     @abc.abstractmethod
     def evaluate(self, a: Array, b: Array) -> Array:
@@ -264,6 +271,7 @@ class Constant(Kernel):
 
     variance: Array = 1.0
     positive_fields: ClassVar[tuple[str, ...]] = ("variance",)
+    stationary: ClassVar[bool] = True
 
     def parameter_shapes(self, index_shape):
         return {"variance": ((),)}
@@ -319,6 +327,7 @@ class _Stationary(Kernel):
     variance: Array = 1.0
     lengthscale: Array = 1.0
     positive_fields: ClassVar[tuple[str, ...]] = ("variance", "lengthscale")
+    stationary: ClassVar[bool] = True
 
     def parameter_shapes(self, index_shape):
         return {"variance": ((),), "lengthscale": ((), index_shape)}  # scalar, or one per dimension (ARD)
@@ -429,6 +438,7 @@ class Cosine(Kernel):
     period: Array = 1.0
     scalar_index_only: ClassVar[bool] = True
     positive_fields: ClassVar[tuple[str, ...]] = ("variance", "period")
+    stationary: ClassVar[bool] = True
 
     def parameter_shapes(self, index_shape):
         return {"variance": ((),), "period": ((),)}
@@ -504,6 +514,7 @@ class SHO(Kernel):
     quality: Array = 1.0
     scalar_index_only: ClassVar[bool] = True
     positive_fields: ClassVar[tuple[str, ...]] = ("sigma", "omega", "quality")
+    stationary: ClassVar[bool] = True
 
     def parameter_shapes(self, index_shape):
         return {"sigma": ((),), "omega": ((),), "quality": ((),)}
