@@ -25,7 +25,6 @@ linear in n, no slower and no hungrier than ``autodiff``.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 

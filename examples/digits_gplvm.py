@@ -160,7 +160,7 @@ def save_plot(out_dir, initial, labels, results, m):
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8), constrained_layout=True)
     panels = [("PCA start", initial, None, knn_accuracy(initial, labels))]
     panels += [
         (f"{name} ({seconds:.0f} s)", np.asarray(params.latent), params.inducing, accuracy)
@@ -172,16 +172,16 @@ def save_plot(out_dir, initial, labels, results, m):
             inducing = np.asarray(inducing)
             ax.scatter(inducing[:, 0], inducing[:, 1], marker="x", c="k", s=18, lw=0.8, label="inducing inputs")
             ax.legend(fontsize=8, loc="lower right")
-        ax.set_title(f"{title}: 5-NN accuracy {accuracy:.3f}", fontsize=10)
+        ax.set_title(f"{title}\n5-NN accuracy {accuracy:.3f}", fontsize=10)
         ax.set_aspect("equal")
-    fig.colorbar(scatter, ax=axes[:3], ticks=range(10), label="digit", shrink=0.8)
+    fig.colorbar(scatter, ax=axes[2], ticks=range(10), label="digit", shrink=0.9)
     for name, colour in (("exact", "C3"), ("bound", "C0")):
         trace = results[name][1]
         axes[3].plot(np.arange(1, len(trace) + 1), trace, color=colour, label=name)
     axes[3].set(xlabel="iteration", ylabel="objective", title="− log p (exact) or − bound, + prior")
     axes[3].legend()
     path = os.path.join(out_dir, "digits_gplvm.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

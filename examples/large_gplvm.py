@@ -60,10 +60,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/large_gplvm")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="5000 points, 16 inducing inputs, 100 steps")
+    parser.add_argument("--quick", action="store_true", help="5000 points, 32 inducing inputs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.points, args.inducing, args.steps = 5000, 16, 100
+        args.points, args.inducing, args.steps = 5000, 32, 300
 
     start = time.perf_counter()
     truth, y = make_data(args.seed, args.points)

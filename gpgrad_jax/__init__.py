@@ -11,7 +11,7 @@ from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood, prec
 from gpgrad_jax._predict import predict, sample_posterior
 from gpgrad_jax._validation import ConditioningWarning, FactorizationError, NumericalError, value_checks
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "ConditioningWarning",

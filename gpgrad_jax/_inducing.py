@@ -137,6 +137,7 @@ _BLOCK_ENTRIES = 1 << 17
 
 
 def block_size(n: int, m: int, index_dim: int) -> int:
+    """Points per block of the backward pass for ``n`` points, ``m`` inducing inputs, ``d``."""
     return int(min(n, max(8, _BLOCK_ENTRIES // (m * index_dim))))
 
 
@@ -276,7 +277,7 @@ def blocked_point_terms(kernel, noise, x, z, r, fwd: Bound, want_kernel, want_no
 
             sums, stacked = jax.lax.scan(step, sums, jnp.arange(1, full))
             rows = jax.tree_util.tree_map(  # the first block's rows, then the scanned ones
-                lambda head, rest: jnp.concatenate([head, rest.reshape((-1,) + rest.shape[2:])]), rows, stacked
+                lambda head, rest: jnp.concatenate([head, rest.reshape((-1, *rest.shape[2:]))]), rows, stacked
             )
         parts.append((sums, rows))
     if tail:

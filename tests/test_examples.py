@@ -57,6 +57,28 @@ def test_gplvm_improves_the_layout(tmp_path):
 
 
 @pytest.mark.slow
+def test_digits_gplvm_both_paths_separate_the_digits(tmp_path):
+    pytest.importorskip("sklearn")  # the data set; .ci/run installs the examples' extra
+    lines = _run("digits_gplvm.py", tmp_path=tmp_path)
+    last = lines[-1]
+    assert last.startswith("5-NN accuracy: PCA ")
+    pca = float(last.split("PCA ")[1].split(" ->")[0])
+    exact = float(last.split("exact ")[1].split(",")[0])
+    bound = float(last.rsplit(" ", 1)[1])
+    assert exact > pca + 0.1 and bound > pca + 0.1, last
+    assert (tmp_path / "digits_gplvm.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_large_gplvm_learns_the_layout_with_the_bound(tmp_path):
+    lines = _run("large_gplvm.py", tmp_path=tmp_path)
+    before, after = (float(v) for v in lines[-1].removeprefix("layout error (Procrustes): ").split(" -> "))
+    assert after < 0.8 * before, lines[-1]
+    assert any(line.startswith("iter ") for line in lines)
+    assert (tmp_path / "large_gplvm.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
 def test_many_curves_in_one_vmapped_step(tmp_path):
     lines = _run("many_curves.py", tmp_path=tmp_path)
     before, after = (float(v) for v in lines[-1].removeprefix("index error: ").split(" -> "))
@@ -124,6 +146,27 @@ def test_time_series_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     for row in report["rows"]:
         assert row["checks"]["gradient_vs_autodiff"] < 1e-8
         assert row["checks"].get("gradient_vs_tinygp", 0.0) < 1e-8
+    assert (tmp_path / "smoke.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_inducing_benchmark_quick_mode_writes_json_and_plot(tmp_path):
+    import json
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "inducing.py"), "--quick", "--out", str(tmp_path), "--label", "smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    for row in report["rows"]:
+        checks = row["checks"]
+        assert checks["grad_x_vs_autodiff"] < 1e-8 and checks["grad_lengthscale_vs_autodiff"] < 1e-8, checks
+        assert checks["grad_z_vs_autodiff"] < 1e-6, checks  # Z near data points: K_zz is ill-conditioned
+        if "value_vs_GPy" in checks:  # the peer, where installed
+            assert checks["value_vs_GPy"] < 1e-9 and checks["grad_x_vs_GPy"] < 1e-5, checks
     assert (tmp_path / "smoke.png").stat().st_size > 10_000
 
 

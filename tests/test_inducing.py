@@ -31,7 +31,7 @@ from gpgrad_jax import kernels, noise, reference
 N, M = 7, 4  # data points, inducing points: fixed shapes, one compilation per structure
 BOUND_NOISES = ("isotropic", "per_point", "per_point_rank_deficient")
 ALL_ARGS = (0, 1, 2, 3, 4, 5)  # kernel, x, y, noise, inducing, mean
-INDUCING_KERNELS = sorted(KERNELS) + ["rational_quadratic", "matern12"]
+INDUCING_KERNELS = [*sorted(KERNELS), "rational_quadratic", "matern12"]
 
 
 @kernels.register
@@ -172,7 +172,7 @@ def test_index_gradients_equal_central_differences(kernel_name, seed, x64):
     np.testing.assert_allclose(grad_z, fd_z, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("noise_kind", BOUND_NOISES)
+@pytest.mark.parametrize("noise_kind", BOUND_NOISES if FULL else ["per_point_rank_deficient"])
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
 def test_bound_is_exact_at_the_data_and_below_elsewhere(noise_kind, seed, dim, index_dim, x64):
     """Z = x gives the exact log density (jitter 0: Q = K); any other Z gives less."""
@@ -265,7 +265,7 @@ def _predict_numpy(kernel, x, y, nz, z, x_new, mean, mean_new, jitter):
     return mean_out.reshape(len(x_new), dim) + mean_new, variance.reshape(len(x_new), dim)
 
 
-@pytest.mark.parametrize("noise_kind", BOUND_NOISES)
+@pytest.mark.parametrize("noise_kind", BOUND_NOISES if FULL else ["isotropic", "per_point_rank_deficient"])
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
 def test_predict_is_the_variational_posterior(noise_kind, seed, dim, index_dim, x64):
     """Mean and variance against the covariance-form predictive in NumPy; with Z = x, the exact
