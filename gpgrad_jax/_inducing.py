@@ -396,6 +396,13 @@ def prepare(kernel, x, y, noise, inducing, mean, jitter):
     from gpgrad_jax._likelihood import prepare as prepare_problem
 
     kernel, noise, x, r = prepare_problem(kernel, x, y, noise, mean)
+    z, jitter = check_inducing(kernel, noise, x, inducing, jitter, stacklevel=4)
+    return kernel, noise, x, z, r, jitter
+
+
+def check_inducing(kernel, noise, x, inducing, jitter, stacklevel=3):
+    """``(Z, jitter)`` checked against a validated problem: ``Z`` in ``x``'s index space and dtype,
+    the jitter a number ``>= 0`` (the dtype's default for ``None``)."""
     if not isinstance(noise, BlockDiagonal):
         raise ValueError(
             f"`noise`: the inducing-point bound needs noise that is block diagonal per point "
@@ -420,13 +427,13 @@ def prepare(kernel, x, y, noise, inducing, mean, jitter):
             f"time and O(n m + m²) memory, more than the exact likelihood's O(n³) and O(n²) here, "
             "and is no tighter than with m = n inducing points at the data (where it is exact)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,  # the warning names the user's call
         )
     if jitter is None:
         jitter = default_jitter(x.dtype)
     if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not math.isfinite(jitter) or jitter < 0:
         raise ValueError(f"`jitter` must be a Python number >= 0 (relative to the mean of k(z, z)), got {jitter!r}")
-    return kernel, noise, x, z.astype(x.dtype), r, float(jitter)
+    return z.astype(x.dtype), float(jitter)
 
 
 def inducing_bound(

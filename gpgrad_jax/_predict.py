@@ -104,11 +104,11 @@ def predict(
     """
     if inducing is not None:
         _check_inducing_options(solver, full_covariance=full_covariance)
-        kernel, noise, x, z, r, jitter = inducing_posterior.prepare(kernel, x, y, noise, inducing, mean, jitter)
     kernel, noise, x, r, x_new, mean_new, out_shape = _prepare_new(kernel, x, y, noise, x_new, mean, mean_new)
     if noise_new is not None:
         noise_new = _check_noise_new(noise_new, out_shape[0], r.shape[1], x.dtype)
     if inducing is not None:
+        z, jitter = inducing_posterior.check_inducing(kernel, noise, x, inducing, jitter)
         padded = _pad(x_new, _bucket(out_shape[0]), x.dtype)
         offset, variance = inducing_posterior.predict(kernel, noise, x, z, r, padded, jitter)
         return _finish_marginals(out_shape, mean_new, offset, variance, noise_new)
@@ -239,12 +239,12 @@ def sample_posterior(
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}")
     if inducing is not None:
         _check_inducing_options(solver)
-        kernel, noise, x, z, r, jitter = inducing_posterior.prepare(kernel, x, y, noise, inducing, mean, jitter)
     kernel, noise, x, r, x_new, mean_new, out_shape = _prepare_new(kernel, x, y, noise, x_new, mean, mean_new)
     n_new, dim = out_shape[0], r.shape[1]
     if noise_new is not None:
         noise_new = _check_noise_new(noise_new, n_new, dim, x.dtype)
     if inducing is not None:
+        z, jitter = inducing_posterior.check_inducing(kernel, noise, x, inducing, jitter)
         latent_key, noise_key = jax.random.split(key)
         padded = _pad(x_new, _bucket(n_new), x.dtype)
         draws = inducing_posterior.sample(latent_key, kernel, noise, x, z, r, jitter, padded, num_samples)
