@@ -117,7 +117,6 @@ def test_bad_input_raises_a_clear_error(case, fn_name):
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
-@pytest.mark.float32
 @pytest.mark.parametrize("solver", ["dense", "markov"])
 def test_integer_indices_and_data_are_promoted_like_jax_numpy(solver, rtol):
     """Frame numbers and integer counts: the same result as the float arrays jnp would make."""
@@ -287,7 +286,6 @@ HARD_CASES = {
 }
 
 
-@pytest.mark.float32
 @pytest.mark.parametrize("case", sorted(HARD_CASES))
 def test_hard_but_valid_inputs_are_finite_and_match_the_reference(case, rtol):
     kernel, x, nz = HARD_CASES[case]
@@ -306,7 +304,6 @@ def test_lengthscale_whose_square_underflows_gives_an_exact_white_kernel(kernel_
     np.testing.assert_array_equal(grad_x, np.zeros(N))
 
 
-@pytest.mark.float32
 @pytest.mark.parametrize("nz", [noise.Isotropic(0.3), noise.PerPoint(jnp.ones((1, 3, 3))), noise.Dense(jnp.ones((2, 3)))])
 def test_a_single_point(nz, rtol):
     _agree_with_reference(CURVE, jnp.array([0.4]), Y3[:1], nz, rtol)

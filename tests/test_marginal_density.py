@@ -44,7 +44,6 @@ def _check(solver, problem, rtol):
         assert_trees_close(grad, ref, rtol, f"{solver} d/d{name}")
 
 
-@pytest.mark.float32
 @pytest.mark.parametrize("noise_kind", NOISES)
 @settings(max_examples=min(2, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
@@ -104,7 +103,6 @@ def test_the_parallel_solver_gives_the_gaussian_log_likelihood(noise_kind, x64):
     np.testing.assert_allclose(got, expected, rtol=1e-9 if x64 else 1e-3)
 
 
-@pytest.mark.float32
 @pytest.mark.parametrize("solver", ["dense", "markov"])
 @pytest.mark.parametrize("noise_kind", ["isotropic", "per_point_rank_deficient"])
 def test_the_precision_form_has_the_same_index_and_kernel_gradient(solver, noise_kind, rtol):
@@ -223,7 +221,6 @@ def test_noise_scale_is_recovered_by_the_marginal_likelihood_not_by_L(noise_kind
     assert fit(gg.precision_form_log_likelihood) > 9.9  # L increases up to the end of the interval
 
 
-@pytest.mark.float32
 @pytest.mark.parametrize("solver", ["dense", "markov"])
 def test_zero_blocks_mask_missing_data_like_dropping_the_points(solver, rtol):
     """The documented way to handle missing observations: zero ``PerPoint`` blocks give the value

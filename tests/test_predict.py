@@ -77,7 +77,6 @@ def test_predict_validates_new_indices():
         gg.predict(kernel, x, y, nz, jnp.ones(3), mean_new=jnp.ones(3))
 
 
-@pytest.mark.float32
 @pytest.mark.parametrize("solver", ["dense", "markov"])
 @pytest.mark.parametrize("noise_kind", ["isotropic", "per_point_rank_deficient"])
 def test_full_covariance_and_noise_inclusive_variance(solver, noise_kind, rtol):
