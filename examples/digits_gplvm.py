@@ -32,6 +32,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from gplvm import pca_start  # noqa: E402  (examples/gplvm.py)
 
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
@@ -123,9 +124,7 @@ def main(argv=None):
     y, labels = load_digits(limit)
     y = jnp.asarray(y)
     n = y.shape[0]
-    _, _, vt = np.linalg.svd(np.asarray(y), full_matrices=False)
-    initial = np.asarray(y) @ vt[:2].T
-    initial /= initial.std(0)
+    initial = pca_start(y)
     rng = np.random.default_rng(args.seed)
     inducing = initial[rng.choice(n, args.inducing, replace=False)]
     print(f"data: {n} digit images, y of shape {tuple(y.shape)}, latent d = 2; PCA start", flush=True)

@@ -57,14 +57,24 @@ def procrustes_disparity(a, b):
     return float(1.0 - singular_values.sum() ** 2)
 
 
-def aligned(reference, b):
-    """``b`` moved onto ``reference`` by the best rotation/reflection, translation and scale."""
+def aligned(reference, b, also=None):
+    """``b`` moved onto ``reference`` by the best rotation/reflection, translation and scale;
+    with ``also`` (points in ``b``'s frame, e.g. inducing inputs), ``(b, also)`` both moved."""
     ref_mean, b_mean = np.mean(reference, 0), np.mean(b, 0)
     a0, b0 = np.asarray(reference) - ref_mean, np.asarray(b) - b_mean
     u, s, vt = np.linalg.svd(b0.T @ a0)
     rotation = u @ vt
     scale = s.sum() / np.sum(b0**2)
-    return scale * b0 @ rotation + ref_mean
+    move = lambda points: scale * (np.asarray(points) - b_mean) @ rotation + ref_mean  # noqa: E731
+    return move(b) if also is None else (move(b), move(also))
+
+
+def pca_start(y, dims=2):
+    """The usual GPLVM start: the leading principal components of ``y``, scaled to unit variance."""
+    centred = np.asarray(y) - np.mean(np.asarray(y), 0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    initial = centred @ vt[:dims].T
+    return initial / initial.std(0)
 
 
 class Params(NamedTuple):
@@ -98,11 +108,7 @@ def main(argv=None):
     start = time.perf_counter()
     truth, y = make_data(args.seed, args.points)
     y = jnp.asarray(y)
-    # The usual GPLVM start: the two leading principal components (scaled to unit variance).
-    centred = np.asarray(y) - np.mean(np.asarray(y), 0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    initial = centred @ vt[:2].T
-    initial /= initial.std(0)
+    initial = pca_start(y)
     params = Params(jnp.asarray(initial), jnp.array(0.0), jnp.array(0.0), jnp.array(np.log(0.3)))
     print(f"data: {args.points} points, y of shape {tuple(y.shape)}, latent d = 2; PCA start", flush=True)
 

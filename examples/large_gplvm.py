@@ -29,7 +29,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from gplvm import aligned, make_data, procrustes_disparity  # noqa: E402  (examples/gplvm.py)
+from gplvm import aligned, make_data, pca_start, procrustes_disparity  # noqa: E402  (examples/gplvm.py)
 
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
@@ -68,10 +68,7 @@ def main(argv=None):
     start = time.perf_counter()
     truth, y = make_data(args.seed, args.points)
     y = jnp.asarray(y)
-    centred = np.asarray(y) - np.mean(np.asarray(y), 0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    initial = centred @ vt[:2].T
-    initial /= initial.std(0)
+    initial = pca_start(y)
     rng = np.random.default_rng(args.seed)
     params = Params(
         latent=jnp.asarray(initial),
@@ -134,12 +131,8 @@ def save_plot(out_dir, truth, initial, learned, inducing, trace, shown=6000):
     subset = np.random.default_rng(1).choice(len(truth), min(shown, len(truth)), replace=False)
     colour = truth[subset, 0] + 2 * truth[subset, 1]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.3))
-    learned_aligned = aligned(truth, learned)
     # the inducing inputs moved by the same similarity transform as the latent positions
-    ref_mean, b_mean = truth.mean(0), learned.mean(0)
-    u, s, vt = np.linalg.svd((learned - b_mean).T @ (truth - ref_mean))
-    scale = s.sum() / np.sum((learned - b_mean) ** 2)
-    inducing_aligned = scale * (inducing - b_mean) @ (u @ vt) + ref_mean
+    learned_aligned, inducing_aligned = aligned(truth, learned, also=inducing)
     panels = [
         ("hidden 2-D positions", truth),
         (f"PCA start, aligned (error {procrustes_disparity(truth, initial):.3f})", aligned(truth, initial)),
