@@ -120,14 +120,18 @@ def _summary(samples):
     }
 
 
-def _compile(fn, args):
-    """Compile ``fn`` for ``args``: (a zero-argument runner, compile seconds, temp bytes, output)."""
+def _compile(fn, args, memory_limit=None):
+    """Compile ``fn`` for ``args``: (a zero-argument runner, compile seconds, temp bytes, output).
+    A program whose temporary memory exceeds ``memory_limit`` bytes is not run: runner and output
+    are then ``None``."""
     jitted = jax.jit(fn)
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     temp = int(memory.temp_size_in_bytes) if memory is not None else None
+    if memory_limit is not None and temp is not None and temp > memory_limit:
+        return None, compile_s, temp, None
     output = jax.block_until_ready(compiled(*args))  # also the warm-up
     return (lambda: jax.block_until_ready(compiled(*args))), compile_s, temp, output
 

@@ -23,6 +23,22 @@ def _run(script, *args, tmp_path, **env_vars):
     return result.stdout.strip().splitlines()
 
 
+def _run_benchmark(script, tmp_path, *args):
+    """Run ``benchmarks/<script> --quick`` as a user would: it must exit cleanly and write its
+    plot; returns its JSON report."""
+    import json
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args, "--out", str(tmp_path), "--label", "smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "smoke.png").stat().st_size > 10_000
+    return json.loads((tmp_path / "smoke.json").read_text())
+
+
 @pytest.fixture(autouse=True)
 def _once(x64):
     # The examples pick their own precision; running them in the float32 session too adds nothing.
@@ -133,75 +149,36 @@ def test_co2_example_learns_the_year_and_repairs_dates(tmp_path):
 
 @pytest.mark.slow
 def test_time_series_benchmark_quick_mode_writes_json_and_plot(tmp_path):
-    import json
-
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "time_series.py"), "--quick", "--out", str(tmp_path), "--label", "smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "smoke.json").read_text())
+    report = _run_benchmark("time_series.py", tmp_path)
     for row in report["rows"]:
         assert row["checks"]["gradient_vs_autodiff"] < 1e-8
         assert row["checks"].get("gradient_vs_tinygp", 0.0) < 1e-8
-    assert (tmp_path / "smoke.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
 def test_inducing_benchmark_quick_mode_writes_json_and_plot(tmp_path):
-    import json
-
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "inducing.py"), "--quick", "--out", str(tmp_path), "--label", "smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "smoke.json").read_text())
+    report = _run_benchmark("inducing.py", tmp_path)
     for row in report["rows"]:
         checks = row["checks"]
         assert checks["grad_x_vs_autodiff"] < 1e-8 and checks["grad_lengthscale_vs_autodiff"] < 1e-8, checks
         assert checks["grad_z_vs_autodiff"] < 1e-6, checks  # Z near data points: K_zz is ill-conditioned
         if "value_vs_GPy" in checks:  # the peer, where installed
             assert checks["value_vs_GPy"] < 1e-9 and checks["grad_x_vs_GPy"] < 1e-5, checks
-    assert (tmp_path / "smoke.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
 def test_benchmark_quick_mode_writes_json_and_plot(tmp_path):
-    import json
-
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-peers", "--out", str(tmp_path), "--label", "smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "smoke.json").read_text())
+    report = _run_benchmark("run.py", tmp_path, "--no-peers")
     assert {e["case"] for e in report["results"]} == {"curve_1d", "curve_3d", "se_1d"}
     for entry in report["results"]:
         agreement = entry["gradient_max_relative_difference"]
         worst = max(agreement.values()) if isinstance(agreement, dict) else agreement
         assert worst < 1e-6
-    assert (tmp_path / "smoke.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
 def test_state_space_benchmark_quick_mode_writes_json_and_plot(tmp_path):
-    import json
-
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "state_space.py"), "--quick", "--no-peers", "--out", str(tmp_path), "--label", "smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "smoke.json").read_text())
+    report = _run_benchmark("state_space.py", tmp_path, "--no-peers")
     (curve,) = report["curve_3d"]
     assert max(curve["gradient_max_relative_difference_vs_autodiff"].values()) < 1e-8
     assert report["matern32_1d"]["checks"]["gradient_vs_autodiff"] < 1e-8
@@ -210,23 +187,12 @@ def test_state_space_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     (forms,) = report["forms"]
     assert set(forms) == {"n", "float32", "float64"}
     assert {r["kind"] for r in report["draws"]} == {"matern32_1d", "curve_3d"}
-    assert (tmp_path / "smoke.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
 def test_float32_benchmark_quick_mode_writes_json_and_plot(tmp_path):
-    import json
-
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "float32.py"), "--quick", "--out", str(tmp_path), "--label", "smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "smoke.json").read_text())
+    report = _run_benchmark("float32.py", tmp_path)
     rows = [r for family in report["span"].values() for r in family] + report["size"]
     assert all(r["square_root"]["finite"] for r in rows)
     assert all(r["square_root"]["meets_targets"] for r in report["span"]["helix n=40"])
     assert report["estimate_summary"]["problems"] == 12
-    assert (tmp_path / "smoke.png").stat().st_size > 10_000
