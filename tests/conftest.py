@@ -59,25 +59,25 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
-_MAPPINGS_BEFORE_RELEASE = 40_000  # of 65530; one module adds a few thousand
+_MAPPINGS_BEFORE_RELEASE = 40_000  # of 65530; one test adds at most a few hundred
 
 
 def _memory_mappings() -> int:
     try:
         with open("/proc/self/maps", "rb") as maps:
-            return sum(1 for _ in maps)
+            return maps.read().count(b"\n")
     except OSError:  # not Linux: no such limit to watch
         return 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """Drop JAX's compiled programs after a test module once the process holds many memory
-    mappings. Each compiled program keeps a few mappings of machine code; a worker of the full
-    profile compiles tens of thousands and crossed the kernel's limit of 65530
-    (``vm.max_map_count``; 62903 measured just before) — a native crash. Only when needed: the
-    recompilations cost the fast profile time."""
-    yield
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Drop JAX's compiled programs after a test once the process holds many memory mappings.
+    Each compiled program keeps a few mappings of machine code; a worker of the full profile
+    compiles tens of thousands and crossed the kernel's limit of 65530 (``vm.max_map_count``) —
+    a native crash, twice: at 62903 mappings measured just before, and again, inside one long
+    module, when this was checked only between modules. Checked after every test (a few
+    milliseconds), released only when needed: recompiling costs the fast profile time."""
     if _memory_mappings() > _MAPPINGS_BEFORE_RELEASE:
         jax.clear_caches()
         gc.collect()
