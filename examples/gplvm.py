@@ -71,7 +71,8 @@ def aligned(reference, b, also=None):
 
 def pca_start(y, dims=2):
     """The usual GPLVM start: the leading principal components of ``y``, scaled to unit variance."""
-    centred = np.asarray(y) - np.mean(np.asarray(y), 0)
+    y = np.asarray(y)
+    centred = y - y.mean(0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     initial = centred @ vt[:dims].T
     return initial / initial.std(0)

@@ -170,15 +170,13 @@ def make_problem(
     return problem.astype(dtype)
 
 
-def kernel_noise_pairs(kernel_names, noise_kinds, per_kernel: int | None = None) -> list[tuple[str, str]]:
+def kernel_noise_pairs(kernel_names, noise_kinds, per_kernel: int = 1) -> list[tuple[str, str]]:
     """The (kernel, noise) cases of a property: all of them in the full profile; in the fast one
-    ``per_kernel`` noise kinds per kernel (default 1), in turn, so that every kernel, every noise
+    ``per_kernel`` noise kinds per kernel, in turn, so that every kernel, every noise
     kind and (through ``_structure``) both data dimensions still appear — a fraction of the
     compilations, which are what the fast profile's time goes to (its budget: ~5 minutes from a
     clean clone)."""
     kernel_names = sorted(kernel_names)
-    if per_kernel is None:
-        per_kernel = 1
     if FULL or per_kernel >= len(noise_kinds):
         return [(k, nk) for k in kernel_names for nk in noise_kinds]
     count, stride = len(noise_kinds), len(kernel_names)  # each further noise kind continues the round

@@ -1,5 +1,6 @@
 """The examples run end to end (quick mode) as the scripts users run."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -10,10 +11,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(script, *args, tmp_path, **env_vars):
+def _run(script, *args, tmp_path, folder="examples", **env_vars):
+    """Run ``<folder>/<script> --quick`` as a user would; it must exit cleanly. Its output lines."""
     env = dict(os.environ, MPLBACKEND="Agg", **env_vars)
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(tmp_path), *args],
+        [sys.executable, str(ROOT / folder / script), "--quick", "--out", str(tmp_path), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -24,17 +26,9 @@ def _run(script, *args, tmp_path, **env_vars):
 
 
 def _run_benchmark(script, tmp_path, *args):
-    """Run ``benchmarks/<script> --quick`` as a user would: it must exit cleanly and write its
-    plot; returns its JSON report."""
-    import json
-
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args, "--out", str(tmp_path), "--label", "smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    """Run ``benchmarks/<script> --quick``: it must exit cleanly and write its plot; returns its
+    JSON report."""
+    _run(script, "--label", "smoke", *args, tmp_path=tmp_path, folder="benchmarks")
     assert (tmp_path / "smoke.png").stat().st_size > 10_000
     return json.loads((tmp_path / "smoke.json").read_text())
 

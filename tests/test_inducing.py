@@ -78,11 +78,11 @@ def make_bound_problem(kernel_name, noise_kind, seed, dim, index_dim):
 FAST_KERNELS = ["rational_quadratic", "matern12", "curve", "scaled_product_plus_constant", "exp_squared", "matern52"]
 
 
-def _cases(per_kernel=None):
+def _cases():
     names = INDUCING_KERNELS if FULL else FAST_KERNELS
     if not FULL and not jax.config.jax_enable_x64:
         names = names[:3]
-    return kernel_noise_pairs(names, BOUND_NOISES, per_kernel)
+    return kernel_noise_pairs(names, BOUND_NOISES)
 
 
 #: Random inducing inputs near data points make K_zz ill-conditioned: at the float64 default
@@ -99,7 +99,7 @@ def _closed_and_reference(kernel, x, y, nz, z, mean):
 
 
 @pytest.mark.float32
-@pytest.mark.parametrize("kernel_name, noise_kind", _cases(per_kernel=1))
+@pytest.mark.parametrize("kernel_name, noise_kind", _cases())
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)
 def test_every_cotangent_equals_autodiff_of_the_dense_reference(kernel_name, noise_kind, seed, dim, index_dim, rtol):
     """Value and the cotangents of the kernel, x, y, the noise, Z and the mean: the closed-form rule

@@ -74,7 +74,7 @@ def _central_difference(f, x, eps):
 
 
 @pytest.mark.parametrize(
-    "kernel_name, noise_kind", kernel_noise_pairs(KERNELS, ["isotropic", "per_point_rank_deficient"], per_kernel=1)
+    "kernel_name, noise_kind", kernel_noise_pairs(KERNELS, ["isotropic", "per_point_rank_deficient"])
 )
 @settings(max_examples=min(4, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)

@@ -41,7 +41,7 @@ def _problem(kernel_name, noise_kind, seed, dim=data_dims, n=7):
 def _cases(marks_by_kernel):
     return [
         pytest.param(k, nk, marks=marks_by_kernel.get(k, ()))
-        for k, nk in kernel_noise_pairs(TIME_SERIES_KERNELS, MARKOV_NOISES, per_kernel=1)
+        for k, nk in kernel_noise_pairs(TIME_SERIES_KERNELS, MARKOV_NOISES)
     ]
 
 
@@ -65,7 +65,7 @@ def test_markov_solver_equals_the_dense_solver(kernel_name, noise_kind, seed, di
 @pytest.mark.slow  # the associative scans compile for 5–20 s per structure: three kernels, two examples
 @pytest.mark.parametrize(
     "kernel_name, noise_kind",
-    [(k, nk) for k, nk in kernel_noise_pairs(TIME_SERIES_KERNELS, MARKOV_NOISES, per_kernel=1) if k in ("matern12", "sho", "quasi_periodic")],
+    [(k, nk) for k, nk in kernel_noise_pairs(TIME_SERIES_KERNELS, MARKOV_NOISES) if k in ("matern12", "sho", "quasi_periodic")],
 )
 @settings(max_examples=min(2, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims)
