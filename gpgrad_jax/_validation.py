@@ -249,14 +249,14 @@ def _value_rules(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
     """(name, array, predicate, requirement) for every value constraint of a problem."""
     rules = []
     for name, leaf in _named_leaves("kernel", kernel) + _named_leaves("noise", noise):
-        rules.append((name, leaf, jnp.isfinite, "finite"))
+        rules.append((name, leaf, _isfinite, "finite"))
     for name, value in kernel.positive_parameters().items():
         rules.append((f"kernel.{name}", value, lambda a: a > 0, "> 0"))
     for name, value in noise.positive_parameters().items():
         rules.append((f"noise.{name}", value, lambda a: a > 0, "> 0"))
     for name, value in (("x", x), ("y", y), ("mean", mean)):
         if value is not None:
-            rules.append((name, value, jnp.isfinite, "finite"))
+            rules.append((name, value, _isfinite, "finite"))
     anchored = _kernel_names(kernel, "nonnegative_index")
     if anchored:
         requirement = f">= 0 for the {anchored} kernel (indices are positions along the curve from its start)"
@@ -272,8 +272,10 @@ def _kernel_names(kernel: Kernel, flag: str) -> str:
 def check_values(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any) -> None:
     """Raise ``ValueError`` for every concrete argument that breaks a value rule.
 
-    Each rule is reduced on the device and only its verdict comes to the host (the values
-    only when a rule fails, for the message): no copy of a large or sharded array per call.
+    Host data (numpy arrays, Python numbers and lists, JAX arrays on one CPU device) are
+    checked in place by numpy: no compilation per new shape, no dispatch. Anything else is
+    reduced on its device and only the verdict comes to the host (the values only when a rule
+    fails, for the message): no copy of a large or sharded array per call.
     """
     for rule in _value_rules(kernel, x, y, noise, mean):
         _check_rule(*rule)
@@ -281,7 +283,32 @@ def check_values(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any) -> Non
 
 def check_finite(name: str, value: Any) -> None:
     """Raise ``ValueError`` if a concrete ``value`` has a NaN or an infinity."""
-    _check_rule(name, value, jnp.isfinite, "finite")
+    _check_rule(name, value, _isfinite, "finite")
+
+
+def _isfinite(a):
+    return np.isfinite(a) if isinstance(a, np.ndarray) else jnp.isfinite(a)
+
+
+def _on_host(value):
+    """``value`` as a numpy array in the dtype JAX would give it, where reading it costs no
+    transfer (numpy arrays, Python numbers and lists, a JAX array on one CPU device); ``None``
+    elsewhere. Checking these with JAX compiled two tiny programs per argument and new shape
+    and dispatched them on every eager call."""
+    if isinstance(value, jax.Array):
+        devices = value.devices()
+        if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+            return None
+        return np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        return None
+    if array.dtype == object:
+        return None
+    # As jnp.asarray converts: 1e300 is not finite in float32.
+    with np.errstate(over="ignore"):
+        return array.astype(jax.dtypes.canonicalize_dtype(array.dtype), copy=False)
 
 
 def _check_rule(name, value, predicate, requirement):
@@ -289,6 +316,12 @@ def _check_rule(name, value, predicate, requirement):
         # The same message at run time when the caller runs under checkify (a no-op otherwise).
         _debug_check(lambda: jnp.all(predicate(value)), f"`{name}` must be {requirement}")
         return
+    host = _on_host(value)
+    if host is not None:
+        ok = np.asarray(predicate(host))
+        if np.all(ok):
+            return
+        raise ValueError(f"`{name}` must be {requirement}, got {_describe(host, ok)}")
     with jax.ensure_compile_time_eval():  # concrete inside a jit trace too: evaluate now
         array = jnp.asarray(value)
         if bool(jnp.all(predicate(array))):
