@@ -2,6 +2,7 @@ r"""The public likelihood functions: validate, choose a solver, call its closed-
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -19,11 +20,16 @@ Array = Any
 def prepare(kernel, x, y, noise, mean):
     """Validated ``(kernel, noise, x, r)`` in one floating dtype, ``r = y − μ`` of shape ``(n, D)``."""
     x, y, mean = check_problem(kernel, x, y, noise, mean)
-    dtype = jnp.result_type(x, y, mean)
+    return _in_dtype(kernel, noise, x, y, mean, jnp.result_type(x, y, mean))
+
+
+# Jitted, as are the solvers and the noise term: an eager call then runs a few compiled programs
+# (one compilation per problem structure) instead of an eager operation per leaf, each compiled
+# for every new shape.
+@functools.partial(jax.jit, static_argnums=5)
+def _in_dtype(kernel, noise, x, y, mean, dtype):
     cast = lambda leaf: jnp.asarray(leaf, dtype)  # noqa: E731
-    kernel = jax.tree_util.tree_map(cast, kernel)
-    noise = jax.tree_util.tree_map(cast, noise)
-    return kernel, noise, x.astype(dtype), (y - mean).astype(dtype)
+    return jax.tree_util.tree_map(cast, kernel), jax.tree_util.tree_map(cast, noise), x.astype(dtype), (y - mean).astype(dtype)
 
 
 def log_marginal_likelihood(
@@ -156,6 +162,7 @@ def _precision_form(solver, kernel, noise, x, r):
     return value
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def noise_log_density_correction(noise: Noise, n: int, dim: int) -> jax.Array:
     """``log pdet S + ((m − r)/2) log 2π``: [``log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood] minus ``L``."""
     log_pdet, rank = noise.log_pseudo_determinant(n, dim)

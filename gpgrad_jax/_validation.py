@@ -311,11 +311,22 @@ def _on_host(value):
         return array.astype(jax.dtypes.canonicalize_dtype(array.dtype), copy=False)
 
 
+def _known_value(tracer):
+    """The value behind a tracer when it is known now (eager ``jax.grad``: the primal), else ``None``."""
+    try:
+        return tracer.to_concrete_value()
+    except Exception:  # pragma: no cover - a JAX without the method, or a tracer type that refuses
+        return None
+
+
 def _check_rule(name, value, predicate, requirement):
     if isinstance(value, jax.core.Tracer):
-        # The same message at run time when the caller runs under checkify (a no-op otherwise).
-        _debug_check(lambda: jnp.all(predicate(value)), f"`{name}` must be {requirement}")
-        return
+        known = _known_value(value)
+        if known is None:
+            # The same message at run time when the caller runs under checkify (a no-op otherwise).
+            _debug_check(lambda: jnp.all(predicate(value)), f"`{name}` must be {requirement}")
+            return
+        value = known  # eager differentiation: check now, as an eager call does
     host = _on_host(value)
     if host is not None:
         ok = np.asarray(predicate(host))
@@ -430,6 +441,9 @@ def check_finite_output(value: Any) -> None:
     """Under a trace, a non-finite result becomes the ``checkify`` error the eager call raises
     as [``NumericalError``][gpgrad_jax.NumericalError] (a no-op when the caller does not use ``checkify``)."""
     if isinstance(value, jax.core.Tracer):
+        known = _known_value(value)
+        if known is not None and np.all(np.isfinite(np.asarray(known))):
+            return  # eager differentiation: the value is known, and finite
         _debug_check(
             lambda: jnp.all(jnp.isfinite(value)),
             f"the result is not finite in {value.dtype}: U = I + S (K ⊗ I_D) Sᵀ could not be factored, "
