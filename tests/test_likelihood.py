@@ -112,17 +112,9 @@ def test_kernel_parameter_gradient_matches_finite_differences(kernel_name, seed,
         np.testing.assert_allclose(grads[i], numeric, rtol=1e-6, atol=1e-8)
 
 
-def _coincident_cases():
-    """Every (pattern, kernel); the fast float32 pass takes each kernel once, the patterns in
-    turn (the full profile's float32 pass runs them all)."""
-    return [
-        pytest.param(pattern, name, marks=[pytest.mark.float32] if (i + j) % 2 == 0 else [])
-        for j, pattern in enumerate(["pair", "all_equal"])
-        for i, name in enumerate(sorted(KERNELS))
-    ]
-
-
-@pytest.mark.parametrize("pattern, kernel_name", _coincident_cases())
+@pytest.mark.float32
+@pytest.mark.parametrize("kernel_name", sorted(KERNELS))
+@pytest.mark.parametrize("pattern", ["pair", "all_equal"])
 def test_coincident_indices_give_finite_exact_gradients(kernel_name, pattern, x64):
     """x_i == x_j: the closed form is finite and equals one-sided-free central differences."""
     problem = make_problem(kernel_name, "per_point_rank_deficient", 7, 3, 2, n=5)

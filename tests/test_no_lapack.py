@@ -68,9 +68,6 @@ def test_compiled_state_space_solvers_call_no_lapack(solver, kernel_name, noise_
             x_new,
         ),
     }
-    if not FULL:  # the value, the precision form's L and the index gradient run the solver code
-        # of the cotangents' program (its forward pass and rule): the full profile checks them too
-        programs = {name: programs[name] for name in ("cotangents", "predict", "sample_posterior")}
     for name, (fn, *args) in programs.items():
         lapack = {target for target in _custom_calls(fn, *args) if "lapack" in target}
         assert not lapack, f"{solver} {name} calls {lapack}"
