@@ -337,7 +337,6 @@ def test_bad_input_gets_named_errors():
         gg.inducing_bound(k, [0, 1, 2, 3, 4], [0.1, 0.2, 0.0, 0.3, 0.1], nz, [1, 3])  # lists and integers
 
 
-@pytest.mark.slow  # the fast float32 pass runs the cotangent tests in float32
 @pytest.mark.float32
 def test_float32_bound_follows_float64(x64):
     """A well-scaled GPLVM-shaped problem in float32: value and gradients within float32 rounding

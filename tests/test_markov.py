@@ -242,7 +242,7 @@ def test_all_equal_indices_are_exact_not_nan(solver, rtol):
     assert_trees_close(got, _value_and_grads("dense", kernel, x, y, nz, mean), rtol, "all equal")
 
 
-# Not in the fast float32 pass: test_time_series.py's predict test runs this solver in float32 there.
+@pytest.mark.float32
 @pytest.mark.parametrize("solver", ["markov", pytest.param("markov-parallel", marks=pytest.mark.slow)])
 def test_predict_equals_the_dense_posterior(solver, rtol):
     for noise_kind, dim in (("isotropic", 3), ("per_point_rank_deficient", 3), ("per_point", 1)):

@@ -37,6 +37,7 @@ def _dense_posterior(kernel, x, y, nz, mean, x_new):
     return mu.reshape(-1, dim), jnp.diagonal(cov).reshape(-1, dim), cov
 
 
+@pytest.mark.float32
 @pytest.mark.parametrize("kernel_name, noise_kind", kernel_noise_pairs(["curve", "matern52"], NOISES))
 @settings(max_examples=min(6, settings.default.max_examples))
 @given(seed=seeds, dim=data_dims, index_dim=index_dims)

@@ -66,8 +66,7 @@ class NotSymmetric(kernels.Kernel):
 X = jnp.array([0.1, 0.7, 0.7, 1.9, 2.6])  # a repeated point: the pair a == b off the diagonal too
 
 
-# 2-D indices in the full profile (the fast one checks them through tests/test_inducing.py).
-@pytest.mark.parametrize("index_dim", [None, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("index_dim", [None, 2])
 @pytest.mark.parametrize("kernel_name", sorted(KERNELS))
 def test_built_in_kernels_pass_check_kernel(kernel_name, index_dim):
     factory, scalar_only = KERNELS[kernel_name]
