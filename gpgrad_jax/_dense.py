@@ -25,9 +25,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve, solve_triangular
 
-from gpgrad_jax._linalg import cho_inverse, cho_inverse_lower, symmetrize_lower
+from gpgrad_jax._linalg import cho_inverse, cho_inverse_lower, cholesky, symmetrize_lower
 from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._validation import check_factorization, check_finite_result
 
@@ -35,10 +34,13 @@ Array = Any
 
 
 class Factor(NamedTuple):
-    """``L`` with the lower Cholesky factor of ``U``'s core and ``α = U⁻¹w`` (``(p, q)``)."""
+    """``L`` with the pivots (diagonal) of the lower Cholesky factor of ``U``'s core, its inverse
+    ``T = chol(U_c)⁻¹`` — all the rule and the predictions need (``U_c⁻¹ = TᵀT``); ``None`` for a
+    value alone — and ``α = U⁻¹w`` (``(p, q)``)."""
 
     value: Array
-    chol: Array
+    pivots: Array
+    inverse: Array | None
     alpha: Array
 
 
@@ -56,27 +58,26 @@ def _u_core(kernel, noise, x, dim):
     return noise.core(kernel.matrix(x, x), dim) + jnp.eye(noise.core_shape(x.shape[0], dim)[0], dtype=x.dtype)
 
 
-@jax.jit  # eager callers compile once per shape instead of dispatching every operation
-def _factor(kernel, noise, x, r):
+# Jitted: eager callers compile once per shape instead of dispatching every operation. A value
+# alone does not return T: on one matrix the factorisation is then LAPACK's potrf and potrs alone.
+@functools.partial(jax.jit, static_argnums=4)
+def _factor(kernel, noise, x, r, want_inverse):
     n, dim = r.shape
     p, q = noise.core_shape(n, dim)
-    chol = jnp.linalg.cholesky(_u_core(kernel, noise, x, dim))
+    chol = cholesky(_u_core(kernel, noise, x, dim))
     w = noise.whiten(r)
-    alpha = cho_solve((chol, True), w)
+    alpha = chol.solve(w)
     quadratic = jnp.sum(w * alpha)
-    value = (
-        -0.5 * quadratic
-        - q * jnp.sum(jnp.log(jnp.diagonal(chol)))
-        - 0.5 * p * q * math.log(2.0 * math.pi)
-    )
-    return Factor(value, chol, alpha), quadratic
+    value = -0.5 * quadratic - 0.5 * q * chol.log_det() - 0.5 * p * q * math.log(2.0 * math.pi)
+    pivots = jnp.diagonal(chol.low)
+    return Factor(value, pivots, chol.inverse if want_inverse else None, alpha), quadratic
 
 
-def factor(kernel, noise, x, r) -> Factor:
+def factor(kernel, noise, x, r, want_inverse: bool = True) -> Factor:
     """``L``, the Cholesky factor of ``U``'s core and ``α``; concrete results are checked."""
-    fac, quadratic = _factor(kernel, noise, x, r)
-    if not isinstance(fac.chol, jax.core.Tracer):
-        check_factorization(fac.chol, lambda: _u_core(kernel, noise, x, r.shape[1]))
+    fac, quadratic = _factor(kernel, noise, x, r, want_inverse)
+    if not isinstance(fac.pivots, jax.core.Tracer):
+        check_factorization(fac.pivots, lambda: _u_core(kernel, noise, x, r.shape[1]))
         check_finite_result(fac.value, quadratic)
     return fac
 
@@ -85,13 +86,13 @@ def index_terms(kernel, noise, x, fac: Factor, dim: int) -> IndexTerms:
     """``∇ₓL = z ⊙ (Δz) − rowsum(M̃ ⊙ Δ)``; O(n²·d) after ``U⁻¹`` is formed."""
     q = fac.alpha.shape[1]
     z = noise.adjoint_whiten(fac.alpha, dim)  # Sᵀ U⁻¹ S r, shape (n, D)
-    lower_only = fac.chol.shape[0] > x.shape[0]
+    lower_only = fac.inverse.shape[0] > x.shape[0]
     if lower_only:
         # U is larger than K: form one triangle of U⁻¹ and complete the (n × n) block trace.
-        u_inv = cho_inverse_lower(fac.chol)
+        u_inv = cho_inverse_lower(fac.inverse)
         m_trace = noise.core_adjoint_from_lower(q * u_inv, dim)
     else:
-        u_inv = cho_inverse(fac.chol)
+        u_inv = cho_inverse(fac.inverse)
         m_trace = noise.core_adjoint(q * u_inv, dim)
     delta = kernel.grad_first_matrix(x, x)  # (n, n) or (n, n, d)
     data_term = jnp.einsum("ia,ij...,ja->i...", z, delta, z)
@@ -101,7 +102,7 @@ def index_terms(kernel, noise, x, fac: Factor, dim: int) -> IndexTerms:
 
 @jax.custom_vjp
 def _log_marginal_likelihood(kernel, noise, x, r):
-    return factor(kernel, noise, x, r).value
+    return factor(kernel, noise, x, r, want_inverse=False).value
 
 
 def _lml_fwd(kernel, noise, x, r):
@@ -152,7 +153,7 @@ class DenseSolver:
 
     def plain_log_marginal_likelihood(self, kernel, noise, x, r):
         """The same forward computation with no custom rule: the autodiff baseline."""
-        return factor(kernel, noise, x, r).value
+        return factor(kernel, noise, x, r, want_inverse=False).value
 
     def index_gradient(self, kernel, noise, x, r):
         fac = factor(kernel, noise, x, r)
@@ -184,9 +185,7 @@ def _whitened_cross(kernel, noise, x, r, x_new, fac):
     columns = jax.vmap(
         lambda k_row: jax.vmap(lambda e: noise.whiten(k_row[:, None] * e[None, :]))(unit)
     )(cross)  # (n_new, D, p, q)
-    solved = solve_triangular(
-        fac.chol, jnp.moveaxis(columns, 2, 0).reshape(p, -1), lower=True
-    ).reshape(p, n_new, dim, q)
+    solved = (fac.inverse @ jnp.moveaxis(columns, 2, 0).reshape(p, -1)).reshape(p, n_new, dim, q)
     return cross @ z, solved
 
 

@@ -41,10 +41,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve, solve_triangular
 
 from gpgrad_jax._kernels import Kernel
-from gpgrad_jax._linalg import cho_inverse
+from gpgrad_jax._linalg import Cholesky, cho_inverse, cholesky
 from gpgrad_jax._noise import BlockDiagonal, Noise
 from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._validation import _as_float_array, _check_rule, _kernel_names, check_finite, check_finite_output
@@ -80,9 +79,9 @@ class Bound(NamedTuple):
     """``F_L`` and what the rule reuses."""
 
     value: Array
-    chol_z: Array  # L_z, (m, m)
+    chol_z: Cholesky  # L_z and L_z⁻¹, (m, m)
     a: Array  # A = L_z⁻¹ K_zx, (m, n)
-    chol_b: Array  # chol(B), (mp, mp)
+    chol_b: Cholesky  # chol(B) and its inverse, (mp, mp)
     beta: Array  # B⁻¹ c, (m, p, q)
     kernel_diagonal: Array  # k(x_i, x_i), (n,)
 
@@ -112,17 +111,17 @@ def bound(kernel, noise, x, z, r, jitter) -> Bound:
     p, q = blocks.precision.shape[-1], blocks.columns
     residual = r.reshape(n, p, q)
     rho = blocks.precision @ residual  # Λ_i r_i
-    chol_z = jnp.linalg.cholesky(_jittered_gram(kernel, z, jitter))
-    a = solve_triangular(chol_z, kernel.matrix(z, x), lower=True)
-    chol_b = jnp.linalg.cholesky(_posterior_precision(a, blocks.precision))
+    chol_z = cholesky(_jittered_gram(kernel, z, jitter))
+    a = chol_z.inverse @ kernel.matrix(z, x)
+    chol_b = cholesky(_posterior_precision(a, blocks.precision))
     c = jnp.einsum("ji,iaq->jaq", a, rho).reshape(m * p, q)
-    beta = cho_solve((chol_b, True), c)
+    beta = chol_b.solve(c)
     kernel_diagonal = jax.vmap(kernel.evaluate)(x, x)
     trace = q * jnp.trace(blocks.precision, axis1=-2, axis2=-1)
     value = (
         -0.5 * jnp.sum(residual * rho)
         + 0.5 * jnp.sum(c * beta)
-        - q * jnp.sum(jnp.log(jnp.diagonal(chol_b)))
+        - 0.5 * q * chol_b.log_det()
         - 0.5 * n * dim * math.log(2.0 * math.pi)
         - 0.5 * jnp.sum(trace * (kernel_diagonal - jnp.sum(a * a, axis=0)))
     )
@@ -146,7 +145,7 @@ class Shared(NamedTuple):
 
     weights: Array  # P = q B⁻¹ + ββᵀ, (mp, mp)
     beta: Array  # (m, p, q)
-    chol_z: Array
+    chol_z: Cholesky
     left_rest: Array | None  # p = 1: L_z⁻ᵀ (qI − P)
     left_beta: Array | None  # p = 1: L_z⁻ᵀ β, (m, q)
 
@@ -154,16 +153,14 @@ class Shared(NamedTuple):
 def shared_terms(fwd: Bound) -> Shared:
     m, p, q = fwd.beta.shape
     beta_flat = fwd.beta.reshape(m * p, q)
-    weights = q * cho_inverse(fwd.chol_b) + beta_flat @ beta_flat.T
+    weights = q * cho_inverse(fwd.chol_b.inverse) + beta_flat @ beta_flat.T
     if p > 1:
         return Shared(weights, fwd.beta, fwd.chol_z, None, None)
     # One block per point, t_i = q λ_i: Ā = β ρᵀ + ((qI − P) A) ⊙ λ, so that L_z⁻ᵀĀ takes one
     # m × m × n product.
-    lower_t = fwd.chol_z.T
+    inverse_t = fwd.chol_z.inverse.T
     rest = q * jnp.eye(m, dtype=weights.dtype) - weights
-    return Shared(
-        weights, fwd.beta, fwd.chol_z, solve_triangular(lower_t, rest, lower=False), solve_triangular(lower_t, beta_flat, lower=False)
-    )
+    return Shared(weights, fwd.beta, fwd.chol_z, inverse_t @ rest, inverse_t @ beta_flat)
 
 
 class PointTerms(NamedTuple):
@@ -194,7 +191,7 @@ def point_terms(kernel, z, shared: Shared, a, x, residual, precision, root, kern
         weighted = jnp.einsum("jalb,li->ijab", shared.weights.reshape(m, p, m, p), a)  # Σ_l P[j,a,l,b] a_il
         a_bar = jnp.einsum("jaq,iaq->ji", shared.beta, rho) + a * trace - jnp.einsum("ijab,iab->ji", weighted, precision)
         quadratic = jnp.einsum("ji,ijab->iab", a, weighted) if want_noise else None  # (a_i ⊗ I)ᵀ P (a_i ⊗ I)
-        cross = solve_triangular(shared.chol_z.T, a_bar, lower=False)
+        cross = shared.chol_z.inverse.T @ a_bar
         a_bar_a = a_bar @ a.T
     diagonal = -0.5 * trace  # ∂F/∂k(x_i, x_i)
 
@@ -231,15 +228,15 @@ def point_terms(kernel, z, shared: Shared, a, x, residual, precision, root, kern
 
 def gram_cotangent(shared: Shared, fwd: Bound, a_bar_a, jitter):
     """``∂F/∂K_zz = −½ L_z⁻ᵀ Ā Aᵀ L_z⁻¹`` (symmetrised), with the jitter's share."""
-    lower_t = fwd.chol_z.T
-    m = lower_t.shape[0]
+    inverse = fwd.chol_z.inverse
+    m = inverse.shape[0]
     if a_bar_a is None:  # p = 1: Ā Aᵀ = β cᵀ + (qI − P)(B − I), c = Bβ, from m × m matrices only
         _, p, q = shared.beta.shape
         beta_flat = shared.beta.reshape(m * p, q)
-        b_minus_eye = fwd.chol_b @ fwd.chol_b.T - jnp.eye(m, dtype=lower_t.dtype)
-        rest = q * jnp.eye(m, dtype=lower_t.dtype) - shared.weights
+        b_minus_eye = fwd.chol_b.low @ fwd.chol_b.low.T - jnp.eye(m, dtype=inverse.dtype)
+        rest = q * jnp.eye(m, dtype=inverse.dtype) - shared.weights
         a_bar_a = beta_flat @ (b_minus_eye @ beta_flat + beta_flat).T + rest @ b_minus_eye
-    half = solve_triangular(lower_t, solve_triangular(lower_t, a_bar_a, lower=False).T, lower=False)
+    half = inverse.T @ a_bar_a.T @ inverse  # L_z⁻ᵀ (Ā Aᵀ)ᵀ L_z⁻¹
     gram = -0.25 * (half + half.T)  # symmetric in exact arithmetic
     # The jitter ε = jitter · mean(diag K_zz) moves with K_zz's diagonal.
     return gram + (jitter / m) * jnp.trace(gram) * jnp.eye(m, dtype=gram.dtype)
@@ -356,11 +353,11 @@ def predict(kernel, noise, x, z, r, x_new, jitter):
 
 def _posterior_at(kernel, z, x_new, fwd: Bound):
     m, p, q = fwd.beta.shape
-    a_new = solve_triangular(fwd.chol_z, kernel.matrix(z, x_new), lower=True)  # (m, n_new)
+    a_new = fwd.chol_z.inverse @ kernel.matrix(z, x_new)  # (m, n_new)
     offset = jnp.einsum("ji,jaq->iaq", a_new, fwd.beta)
     # (a_* ⊗ e_a)ᵀ B⁻¹ (a_* ⊗ e_a) = ‖chol(B)⁻¹ (a_* ⊗ e_a)‖²
     columns = jnp.einsum("ji,ab->ijab", a_new, jnp.eye(p, dtype=a_new.dtype)).reshape(-1, m * p, p)
-    solved = solve_triangular(fwd.chol_b, jnp.moveaxis(columns, 0, 1).reshape(m * p, -1), lower=True)
+    solved = fwd.chol_b.inverse @ jnp.moveaxis(columns, 0, 1).reshape(m * p, -1)
     explained = jnp.sum(solved**2, axis=0).reshape(-1, p)
     prior = jax.vmap(kernel.evaluate)(x_new, x_new) - jnp.sum(a_new**2, axis=0)
     variance = jnp.broadcast_to((prior[:, None] + explained)[:, :, None], offset.shape)
@@ -379,8 +376,8 @@ def sample(key, kernel, noise, x, z, r, jitter, x_new, num_samples):
     inducing_key, residual_key = jax.random.split(key)
     standard = jax.random.normal(inducing_key, (num_samples, m * p, q), r.dtype)
     # v = β + chol(B)⁻ᵀ ξ has covariance B⁻¹ (per column).
-    v = fwd.beta.reshape(m * p, q) + jax.vmap(lambda s: solve_triangular(fwd.chol_b.T, s, lower=False))(standard)
-    a_new = solve_triangular(fwd.chol_z, kernel.matrix(z, x_new), lower=True)
+    v = fwd.beta.reshape(m * p, q) + fwd.chol_b.inverse.T @ standard
+    a_new = fwd.chol_z.inverse @ kernel.matrix(z, x_new)
     through_u = jnp.einsum("ji,sjaq->siaq", a_new, v.reshape(num_samples, m, p, q))
     leftover = jnp.maximum(jax.vmap(kernel.evaluate)(x_new, x_new) - jnp.sum(a_new**2, axis=0), 0.0)
     residual = jnp.sqrt(leftover)[None, :, None, None] * jax.random.normal(residual_key, through_u.shape, r.dtype)

@@ -27,8 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gpgrad_jax import _linalg, _smallmatrix
 from gpgrad_jax._pytree import pytree_dataclass
-from gpgrad_jax._smallmatrix import orthogonalize_columns
 
 Array = Any
 
@@ -254,7 +254,8 @@ class PerPoint(BlockDiagonal):
         scaled = jacobians / jnp.broadcast_to(sigma, (n, k))[..., None]
         if k <= dim:  # the rows themselves, padded with exact zeros: the rank is exactly theirs
             return cls(jnp.concatenate([scaled, jnp.zeros((n, dim - k, dim), scaled.dtype)], axis=1))
-        return cls(jnp.linalg.qr(scaled, mode="r"))  # k > D rows compressed to D: RᵀR = JᵀJ/σ²
+        # k > D rows compressed to D by Householder reflections: Jᵀ Θ = [L, 0], so Lᵀ L = Jᵀ J / σ².
+        return cls(jnp.swapaxes(_smallmatrix.triangularize(jnp.swapaxes(scaled, -1, -2))[..., :dim], -1, -2))
 
     def _blocks3(self, dim):
         return jnp.reshape(self.blocks, (-1, dim, dim))
@@ -405,23 +406,19 @@ def log_pseudo_determinants(matrices: Array) -> tuple[Array, Array]:
     return _log_pdet_forward(matrices)[0]
 
 
-#: Batches of matrices up to this width take the written-out Jacobi SVD, not LAPACK: the
-#: per-point blocks of the state-space solvers' problems, whose programs must stay free of
-#: batched LAPACK calls (they can deadlock across devices; ``tests/test_no_lapack.py``).
-_JACOBI_MAX_WIDTH = 8
+#: Matrices up to this width (the per-point blocks) take the unrolled Jacobi sweeps of
+#: ``gpgrad_jax._smallmatrix``; wider ones (``Dense`` noise) the round-robin sweeps of
+#: ``gpgrad_jax._linalg``. Neither calls LAPACK (see ``gpgrad_jax._linalg``).
+_UNROLLED_MAX_WIDTH = 8
 
 
 def _log_pdet_forward(matrices):
-    if matrices.ndim >= 3 and matrices.shape[-1] <= _JACOBI_MAX_WIDTH:
-        # A V = W = U Σ: the rule's U Σ⁻¹ Vᵀ is W Σ⁻² Vᵀ.
-        w, v = orthogonalize_columns(matrices)
-        s = jnp.sqrt(jnp.sum(w**2, axis=-2))
-        keep = _rank_mask(s, matrices.shape)
-        left, scale, right = w, jnp.where(keep, 1.0 / jnp.where(keep, s * s, 1.0), 0.0), jnp.swapaxes(v, -1, -2)
-    else:
-        left, s, right = jnp.linalg.svd(matrices, full_matrices=False)
-        keep = _rank_mask(s, matrices.shape)
-        scale = jnp.where(keep, 1.0 / jnp.where(keep, s, 1.0), 0.0)
+    small = matrices.shape[-1] <= _UNROLLED_MAX_WIDTH
+    # A V = W = U Σ: the rule's U Σ⁻¹ Vᵀ is W Σ⁻² Vᵀ.
+    w, v = (_smallmatrix if small else _linalg).orthogonalize_columns(matrices)
+    s = jnp.sqrt(jnp.sum(w**2, axis=-2))
+    keep = _rank_mask(s, matrices.shape)
+    left, scale, right = w, jnp.where(keep, 1.0 / jnp.where(keep, s * s, 1.0), 0.0), jnp.swapaxes(v, -1, -2)
     log_pdet = jnp.sum(jnp.where(keep, jnp.log(jnp.where(keep, s, 1.0)), 0.0), axis=-1)
     rank = jnp.sum(keep, axis=-1).astype(matrices.dtype)
     return (log_pdet, rank), (left, scale, right)
@@ -458,19 +455,18 @@ def _square_matrices(name, value, batched):
 
 
 def _inverse_cholesky(name, covariance):
-    chol = jnp.linalg.cholesky(covariance)
-    if not isinstance(chol, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(chol))):
+    inverse = _linalg.cholesky(covariance).inverse
+    if not isinstance(inverse, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(inverse))):
         raise ValueError(
             f"`{name}` must be positive definite (a zero variance would be an infinite precision); "
             "for directions without information use from_precision with a zero eigenvalue"
         )
-    eye = jnp.broadcast_to(jnp.eye(covariance.shape[-1], dtype=covariance.dtype), covariance.shape)
-    return jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    return inverse
 
 
 def _symmetric_sqrt(name, precision):
-    eigenvalues, vectors = jnp.linalg.eigh(precision)
-    if not isinstance(eigenvalues, jax.core.Tracer):
+    if not isinstance(precision, jax.core.Tracer):
+        eigenvalues, _ = _linalg.symmetric_eigen(precision)
         floor = -1e3 * jnp.finfo(precision.dtype).eps * jnp.max(jnp.abs(eigenvalues), initial=0.0)
         if not bool(jnp.all(eigenvalues >= floor)):
             raise ValueError(
@@ -478,8 +474,7 @@ def _symmetric_sqrt(name, precision):
             )
     # Eigenvalues at rounding level are zeros (directions without information): their square
     # roots, ~sqrt(eps), would otherwise pass for information, and count in the rank.
-    roots = jnp.where(_rank_mask(eigenvalues, precision.shape), jnp.sqrt(jnp.maximum(eigenvalues, 0.0)), 0.0)
-    return jnp.einsum("...ij,...j,...kj->...ik", vectors, roots, vectors)
+    return _linalg.psd_sqrt(precision, max(precision.shape[-2:]) * float(jnp.finfo(precision.dtype).eps))
 
 
 def _block_diagonal(blocks):
@@ -490,7 +485,5 @@ def _block_diagonal(blocks):
 
 def _gram_inverse(matrices):
     """``(BᵀB)⁻¹`` for each ``(..., m, k)`` matrix ``B`` of full column rank, by Cholesky."""
-    gram = jnp.swapaxes(matrices, -1, -2) @ matrices
-    chol = jnp.linalg.cholesky(gram)
-    eye = jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=gram.dtype), gram.shape)
-    return jax.scipy.linalg.cho_solve((chol, True), eye)
+    inverse = _linalg.cholesky(jnp.swapaxes(matrices, -1, -2) @ matrices).inverse
+    return jnp.swapaxes(inverse, -1, -2) @ inverse

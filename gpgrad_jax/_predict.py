@@ -12,6 +12,7 @@ import numpy as np
 from gpgrad_jax import _inducing as inducing_posterior
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._likelihood import prepare
+from gpgrad_jax._linalg import psd_sqrt
 from gpgrad_jax._markov import MarkovSolver
 from gpgrad_jax._noise import BlockDiagonal, Noise, log_pseudo_determinants
 from gpgrad_jax._smallmatrix import solve
@@ -279,19 +280,17 @@ def _noise_draws(key, noise_new, num_samples, n_new, dim):
         blocks, q = noise_new.observation_blocks(n_new, dim)
         standard = jax.random.normal(key, (num_samples, n_new, blocks.shape[-1], q), dtype)
         return solve(blocks, standard).reshape(num_samples, n_new, dim)
-    eigenvalues, vectors = jnp.linalg.eigh(noise_new.covariance(n_new, dim))
-    root = vectors * jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
+    root = psd_sqrt(noise_new.covariance(n_new, dim))
     standard = jax.random.normal(key, (num_samples, n_new * dim), dtype)
-    return (standard @ root.T).reshape(num_samples, n_new, dim)
+    return (standard @ root).reshape(num_samples, n_new, dim)
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _draw(key, num_samples, mean, covariance):
     size = mean.size
-    eigenvalues, vectors = jnp.linalg.eigh(covariance.reshape(size, size))
-    root = vectors * jnp.sqrt(jnp.maximum(eigenvalues, 0.0))
+    root = psd_sqrt(covariance.reshape(size, size))  # symmetric
     standard = jax.random.normal(key, (num_samples, size), mean.dtype)
-    return mean + (standard @ root.T).reshape(num_samples, *mean.shape)
+    return mean + (standard @ root).reshape(num_samples, *mean.shape)
 
 
 def _check_inducing_options(solver, full_covariance=False):

@@ -67,8 +67,9 @@ class ConditioningWarning(UserWarning):
 _WARNED_CONDITIONING: set[str] = set()
 
 
-def check_factorization(chol: Any, u_core: Callable[[], Any]) -> None:
-    """Raise [``FactorizationError``][gpgrad_jax.FactorizationError] with advice if a *concrete* factor of ``U`` is unusable.
+def check_factorization(pivots: Any, u_core: Callable[[], Any]) -> None:
+    """Raise [``FactorizationError``][gpgrad_jax.FactorizationError] with advice if a *concrete* factor of ``U`` is unusable
+    (``pivots``: the diagonal of its lower Cholesky factor).
 
     Unusable means not finite: the factorisation broke down, and so would the result (under
     ``jit`` the same input gives a NaN, or this message through ``checkify``). A finite factor
@@ -78,12 +79,12 @@ def check_factorization(chol: Any, u_core: Callable[[], Any]) -> None:
     within 5e-4 of float64, the gradient within 0.13 in max norm), and refusing them eagerly while
     ``jit`` returns them gave one input two outcomes.
     """
-    if isinstance(chol, jax.core.Tracer):
+    if isinstance(pivots, jax.core.Tracer):
         return
     # Only the pivots come to the host: a breakdown anywhere in the factorisation reaches
     # every later pivot, and copying the whole factor would cost O(m²) per eager call.
-    pivots = np.abs(np.asarray(jnp.diagonal(chol))).astype(np.float64)
-    dtype = chol.dtype
+    dtype = pivots.dtype
+    pivots = np.abs(np.asarray(pivots)).astype(np.float64)
     eps = float(np.finfo(dtype).eps)
     finite = bool(np.all(np.isfinite(pivots))) and pivots.min() > 0
     cond_bound = float((pivots.max() / pivots.min()) ** 2) if finite else np.inf

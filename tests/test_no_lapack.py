@@ -1,14 +1,18 @@
-"""The state-space solvers call no LAPACK kernel on the CPU, and finish in fresh processes.
+"""No program the library builds holds a *batched* LAPACK call on the CPU, and the reported hang
+stays gone.
 
 jaxlib 0.10.2's batched CPU LAPACK kernels split their batch over the intra-op thread pool and
-wait for it; two of them running at once (the associative-scan combination solved two systems
-in one program) could each wait for work queued behind the other, forever. The solvers' small
-matrices are now written out (``gpgrad_jax._smallmatrix``); these tests keep it that way.
+wait for it; two of them running at once could each wait for work queued behind the other, forever
+(``vmap(value_and_grad)`` of the dense solver, 64 problems of 100 3-D points: 5 of 5 fresh
+processes hung). A single matrix runs inline, so one problem's factorisation may use LAPACK; a
+batch — a ``vmap``, or leading axes — takes the written-out routines of ``gpgrad_jax._linalg``
+(``gpgrad_jax._smallmatrix`` for the state-space solvers' small matrices). These tests keep it that
+way for every public function, solver and transformation (``tests/programs.py``); ``tests/soak.py``
+runs them all in fresh processes under a timeout.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import subprocess
@@ -16,61 +20,65 @@ import sys
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import pytest
-from problems import FULL, make_markov_problem
+from problems import FULL
+from programs import CASES, TRANSFORMS, problem, program
 
-import gpgrad_jax as gg
-from gpgrad_jax import noise
+LAPACK = re.compile(r"custom_call @(\w*lapack\w*)\(.*")
+BATCH_DIMS = re.compile(r'num_batch_dims = "(\d+)"')
+LAYOUT = re.compile(r"operand_layouts = \[dense<\[([0-9, ]*)\]>")
 
-MARKOV_SOLVERS = ("markov", pytest.param("markov-parallel", marks=pytest.mark.slow))
+
+def batched_lapack_calls(fn, *args) -> set:
+    """The batched LAPACK custom calls in the program ``fn`` lowers to on this (CPU) backend: those
+    with batch dimensions (or, where the call does not say, a first operand of rank above 2)."""
+    found = set()
+    for match in LAPACK.finditer(fn.lower(*args).as_text()):
+        line = match.group(0)
+        dims = BATCH_DIMS.search(line)
+        if dims is not None:
+            batched = int(dims.group(1)) > 0
+        else:
+            layout = LAYOUT.search(line)
+            batched = layout is None or len(layout.group(1).split(",")) > 2
+        if batched:
+            found.add(match.group(1))
+    return found
 
 
-def _custom_calls(fn, *args):
-    return set(re.findall(r'custom_call_target="([^"]+)"', jax.jit(fn).lower(*args).compile().as_text()))
+# The fast profile lowers the transformations that batch (where the hazard was), for every case
+# but the parallel solver's (slow to trace, small-matrix algebra only); the full profile every
+# case and transformation, with and without recursion in the dense factorisation.
+_TRANSFORMS = [t for t in TRANSFORMS if t != "eager"] if FULL else ["vmap", "vmap_grad"]
+_CASES = CASES if FULL else [case for case in CASES if case[1] != "markov-parallel"]
 
 
 @pytest.mark.float32
-@pytest.mark.skipif(
-    not FULL and jax.config.jax_enable_x64, reason="the fast profile checks the float32 programs (float32 pass)"
-)
-@pytest.mark.parametrize("solver", MARKOV_SOLVERS)
-@pytest.mark.parametrize(
-    "kernel_name, noise_kind",
-    [("scaled_sum", "per_point_rank_deficient"), pytest.param("curve", "isotropic", marks=pytest.mark.slow)],
-)
-def test_compiled_state_space_solvers_call_no_lapack(solver, kernel_name, noise_kind):
-    """Value, every cotangent, the explicit gradient, predictions and draws, in the precision of
-    the pass (float64 in the default one, float32 in the float32 pass)."""
-    kernel, x, y, nz, mean = make_markov_problem(kernel_name, noise_kind, 1, 3).args()
-    x_new = jnp.linspace(0.0, 3.0, 7, dtype=x.dtype)
-    key = jax.random.key(0)
-    programs = {
-        "value": (functools.partial(gg.log_marginal_likelihood, solver=solver), kernel, x, y, nz, mean),
-        "precision form": (functools.partial(gg.precision_form_log_likelihood, solver=solver), kernel, x, y, nz, mean),
-        "cotangents": (  # the solver's rule and the noise term's (the Jacobi SVD of the blocks)
-            jax.grad(functools.partial(gg.log_marginal_likelihood, solver=solver), argnums=(0, 1, 2, 3, 4)),
-            kernel,
-            x,
-            y,
-            nz,
-            mean,
-        ),
-        "index_gradient": (functools.partial(gg.index_gradient, solver=solver), kernel, x, y, nz, mean),
-        "predict": (lambda *a: gg.predict(*a, solver=solver), kernel, x, y, nz, x_new, mean),
-        "sample_posterior": (
-            lambda k, *a: gg.sample_posterior(k, *a, 3, solver=solver, noise_new=noise.Isotropic(0.5)),
-            key,
-            kernel,
-            x,
-            y,
-            nz,
-            x_new,
-        ),
-    }
-    for name, (fn, *args) in programs.items():
-        lapack = {target for target in _custom_calls(fn, *args) if "lapack" in target}
-        assert not lapack, f"{solver} {name} calls {lapack}"
+@pytest.mark.skipif(not FULL and not jax.config.jax_enable_x64, reason="the fast profile checks the float64 programs")
+@pytest.mark.parametrize("transform", _TRANSFORMS)
+@pytest.mark.parametrize("case", _CASES, ids="-".join)
+def test_no_program_calls_lapack(case, transform, x64):
+    dtype = "float64" if x64 else "float32"
+    batch = 2 if transform.startswith("vmap") else None
+    for n in (12, 50) if FULL and case[1] == "dense" else (12,):  # n D = 150 > LEAF: the recursion
+        args = problem(n, 3, dtype, batch)
+        assert not batched_lapack_calls(program(case, transform), *args), f"{case} {transform} n={n}"
+
+
+@pytest.mark.parametrize("transform", ["vmap", "vmap_grad"] if not FULL else ["jit", "vmap", "vmap_grad", "hessian"])
+@pytest.mark.parametrize("function", ["log_marginal_likelihood", "predict", "sample_posterior"])
+def test_dense_noise_programs_call_no_lapack(function, transform, x64):
+    """``Dense`` noise: its pseudo-determinant by the round-robin Jacobi method."""
+    args = problem(6, 3, "float64" if x64 else "float32", 2 if transform.startswith("vmap") else None, noise_kind="dense")
+    assert not batched_lapack_calls(program((function, "dense"), transform), *args)
+
+
+def test_the_check_sees_batched_lapack():
+    """The check itself: JAX's own factorisation under vmap is a batched LAPACK call on the CPU,
+    on one matrix an unbatched one."""
+    batch = jax.numpy.eye(3)[None].repeat(2, 0)
+    assert batched_lapack_calls(jax.jit(jax.vmap(jax.numpy.linalg.cholesky)), batch) == {"lapack_dpotrf_ffi" if batch.dtype == "float64" else "lapack_spotrf_ffi"}
+    assert batched_lapack_calls(jax.jit(jax.numpy.linalg.cholesky), batch[0]) == set()
 
 
 _RUN = textwrap.dedent(
@@ -79,37 +87,26 @@ _RUN = textwrap.dedent(
     import jax
     if sys.argv[2] == "float64":
         jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp, numpy as np
-    import gpgrad_jax as gg
-    from gpgrad_jax import kernels, noise
+    sys.path.insert(0, sys.argv[4])
+    from programs import problem, program
     solver, n = sys.argv[1], int(sys.argv[3])
-    dtype = jnp.dtype(sys.argv[2])
-    rng = np.random.default_rng(0)
-    x = np.sort(rng.uniform(0.0, 20.0, n))
-    y = np.stack([np.cos(x), np.sin(x), 0.3 * x], axis=1) + 0.01 * rng.normal(size=(n, 3))
-    rays = rng.normal(size=(n, 3))
-    rays /= np.linalg.norm(rays, axis=1, keepdims=True)
-    blocks = (np.eye(3) - rays[:, :, None] * rays[:, None, :]) / 0.01
-    cast = lambda a: jnp.asarray(a, dtype)
-    kernel = jax.tree_util.tree_map(cast, kernels.CubicSpline(1.0) + kernels.Linear(1.0) + kernels.Constant(1.0))
-    fn = jax.jit(jax.value_and_grad(
-        lambda k, x, y, b: gg.log_marginal_likelihood(k, x, y, noise.PerPoint(b), solver=solver), argnums=(0, 1, 2, 3)
-    ))
-    for _ in range(3):
-        value, _ = jax.block_until_ready(fn(kernel, cast(x), cast(y), cast(blocks)))
-    print("finished", float(value))
+    fn = program(("log_marginal_likelihood", solver), "vmap_grad")
+    args = problem(n, 3, sys.argv[2], 64)
+    for _ in range(5):
+        jax.block_until_ready(fn(*args))
+    print("finished")
     """
 )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("solver, n", [("markov", 2000), ("markov-parallel", 500)])
-def test_fresh_processes_two_at_a_time_finish(solver, n, dtype):
-    """The reported hang: ``value_and_grad`` in separate processes, every thread idle on a futex.
-    Two processes at once on this 2-core machine, jaxlib's default threading, under a timeout."""
+@pytest.mark.parametrize("solver", ["dense", "markov", "markov-parallel"])
+def test_the_reported_hang_finishes_in_fresh_processes(solver, dtype):
+    """The reported program — ``jit(vmap(value_and_grad))``, 64 problems of 100 3-D points, rank-2
+    blocks — in two fresh processes at once, jaxlib's default threading, under a timeout."""
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # default threads
-    command = [sys.executable, "-c", _RUN, solver, dtype, str(n)]
+    command = [sys.executable, "-c", _RUN, solver, dtype, "100", os.path.dirname(__file__)]
     processes = [
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
