@@ -1,7 +1,9 @@
-"""Float32 accuracy of the state-space solvers: the covariance form against the square-root form.
+"""Float32 accuracy of the solvers: the state-space solvers' covariance and square-root forms, and
+the dense solver against its condition estimate.
 
-    python benchmarks/float32.py            # this machine, one thread (about 10 minutes)
-    python benchmarks/float32.py --quick    # small sizes, for a smoke test
+    python benchmarks/float32.py                  # this machine, one thread (about 12 minutes)
+    python benchmarks/float32.py --quick          # small sizes, for a smoke test
+    python benchmarks/float32.py --only dense     # the dense solver's section alone
 
 Writes ``<out>/float32_cpu.json`` and ``<out>/float32_cpu.png``. Every problem is built from
 float32-representable numbers and solved three times: in float32 by the covariance form (the
@@ -23,6 +25,10 @@ Series:
   predicts the error, and how often the warning fires without need.
 * ``parallel``: ``"markov-parallel"`` on the n = 2000, span 20 problem (its associative scans
   compile for ~25 s per form on XLA:CPU).
+* ``dense``: random problems for the dense solver (curve, Matérn 1/2 and 3/2, squared-exponential
+  kernels; 20–200 points, D = 1 or 3, isotropic or rank-2 noise; spans 1–300, noise 0.003–0.3):
+  the gradient's and the precision form's errors in float32 against ``eps · cond(U)``, the
+  estimate its ``ConditioningWarning`` fires on (``PRECISION_WARNING_LEVELS["dense"]``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from run import machine_info, parse_arguments, save_figure, save_report  # imports JAX in float64
 
-ARGS = parse_arguments(__doc__, "float32_cpu") if __name__ == "__main__" else None
+
+def _only(parser):
+    parser.add_argument("--only", choices=["state-space", "dense"], help="run one section")
+
+
+ARGS = parse_arguments(__doc__, "float32_cpu", _only) if __name__ == "__main__" else None
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -45,9 +56,13 @@ import numpy as np  # noqa: E402
 
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
+from gpgrad_jax._dense import _factor  # noqa: E402
 from gpgrad_jax._likelihood import prepare  # noqa: E402
 from gpgrad_jax._markov import MarkovSolver, _forward  # noqa: E402
-from gpgrad_jax._validation import PRECISION_WARNING_LEVEL  # noqa: E402
+from gpgrad_jax._validation import PRECISION_WARNING_LEVELS  # noqa: E402
+
+PRECISION_WARNING_LEVEL = PRECISION_WARNING_LEVELS["state-space"]
+DENSE_WARNING_LEVEL = PRECISION_WARNING_LEVELS["dense"]
 
 TARGETS = {"gradient": 1e-3, "worst": 1e-2, "value": 1e-4}
 CURVE = kernels.CubicSpline(1.0) + kernels.Linear(1.0) + kernels.Constant(1.0)
@@ -158,11 +173,92 @@ def _line(name, row):
     )
 
 
+def dense_problem(rng):
+    """A random problem for the dense solver: ``(description, kernel, x, y, noise)``."""
+    kind = str(rng.choice(["curve", "matern12", "matern32", "exp_squared"]))
+    n, dim = int(rng.choice([20, 50, 100, 200])), int(rng.choice([1, 3]))
+    span, sigma = float(10 ** rng.uniform(0.0, 2.5)), float(10 ** rng.uniform(-2.5, -0.5))
+    x = np.sort(rng.uniform(0.0, span, n))
+    if kind == "curve":
+        kernel = CURVE
+        y = np.stack([np.cos(x), np.sin(x), 0.3 * x][:dim], axis=1)
+    else:
+        lengthscale = span / rng.uniform(2.0, 20.0)
+        kernel = {"matern12": kernels.Matern12, "matern32": kernels.Matern32, "exp_squared": kernels.ExpSquared}[kind](1.0, lengthscale)
+        y = np.stack([np.sin(3 * x / lengthscale), np.cos(2 * x / lengthscale), np.sin(x / lengthscale)][:dim], axis=1)
+    y = y + sigma * rng.normal(size=y.shape)
+    isotropic = dim == 1 or bool(rng.integers(2))
+    blocks = np.broadcast_to(np.eye(dim) / sigma, (n, dim, dim)).copy() if isotropic else _projections(_rays(rng, n), sigma)
+    return dict(family=kind, n=n, dim=dim, span=span, sigma=sigma, isotropic=isotropic), (kernel, x, y, blocks)
+
+
+@functools.cache
+def _dense_programs():
+    def value(kernel, x, y, nz):  # the precision form: its noise term's rank is not in question
+        return gg.precision_form_log_likelihood(kernel, x, y, nz, solver="dense")
+
+    def estimate(kernel, x, y, nz):
+        kernel, nz, x, r = prepare(kernel, x, y, nz, None)
+        return jnp.finfo(r.dtype).eps * _factor(kernel, nz, x, r, False)[2]
+
+    return jax.jit(jax.value_and_grad(value, argnums=1)), jax.jit(estimate)
+
+
+def evaluate_dense(problem):
+    value_and_grad, estimate = _dense_programs()
+    single, double = _as(jnp.float32, *problem), _as(jnp.float64, *problem)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gg.ConditioningWarning)
+        errors = _errors(value_and_grad(*single), value_and_grad(*double))
+        row = {"dense": errors, "estimate": float(estimate(*single))}
+    row["warned"] = row["estimate"] > DENSE_WARNING_LEVEL
+    row["dense"]["meets_targets"] = _meets(errors)
+    return row
+
+
+def run_dense(report, quick):
+    rng = np.random.default_rng(11)
+    report["dense"] = []
+    for _ in range(12 if quick else 120):
+        description, problem = dense_problem(rng)
+        row = dict(description, **evaluate_dense(problem))
+        report["dense"].append(row)
+        e = row["dense"]
+        print(
+            f"dense {row['family']:11s} n={row['n']:4d} D={row['dim']} span {row['span']:7.1f} σ={row['sigma']:.4f}: "
+            f"grad {e['gradient']:.1e} worst {e['worst']:.1e} value {e['value']:.1e} | estimate {row['estimate']:.1e}"
+            f"{' (warns)' if row['warned'] else ''}",
+            flush=True,
+        )
+    rows = report["dense"]
+    finite = [r for r in rows if r["dense"]["finite"]]
+    missed = [r for r in finite if not r["dense"]["meets_targets"]]
+    report["dense_summary"] = {
+        "warning_level": DENSE_WARNING_LEVEL,
+        "problems": len(rows),
+        "not_finite_in_float32": len(rows) - len(finite),
+        "missing_targets": len(missed),
+        "missed_and_warned": sum(r["warned"] for r in missed),
+        "warned_without_need": sum(r["warned"] and r["dense"]["meets_targets"] for r in finite),
+        "error_over_estimate": [
+            min(r["dense"]["gradient"] / r["estimate"] for r in finite),
+            max(r["dense"]["gradient"] / r["estimate"] for r in finite),
+        ],
+        "smallest_estimate_of_a_miss": min([r["estimate"] for r in missed] or [float("inf")]),
+        "largest_unwarned_gradient_error": max([r["dense"]["gradient"] for r in finite if not r["warned"]] or [0.0]),
+    }
+    print(f"dense {json.dumps(report['dense_summary'])}", flush=True)
+
+
 def run(args):
     quick = args.quick
     report = {"machine": dict(machine_info(args.label), dtype="float32 against float64"), "targets": TARGETS}
     report["warning_level"] = PRECISION_WARNING_LEVEL
     print(json.dumps(report["machine"], indent=1), flush=True)
+    if args.only == "dense":
+        run_dense(report, quick)
+        save_report(report, args, plot)
+        return report
 
     camera_n = 200 if quick else 2000
     spans = {
@@ -237,6 +333,8 @@ def run(args):
         "every_miss_is_warned": all(r["warned"] for r in missed),
     }
     print(f"targets {json.dumps(report['target_checks'])}", flush=True)
+    if args.only is None:
+        run_dense(report, quick)
     save_report(report, args, plot)
     return report
 
@@ -247,37 +345,50 @@ def plot(report, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    state_space = "span" in report
+    panels = (3 if state_space else 0) + ("dense" in report)
+    fig, axes = plt.subplots(1, panels, figsize=(5.4 * panels, 4.8), squeeze=False)
+    axes = list(axes[0])
     floor = 1e-8  # exact agreement drawn at the bottom of the log axis
     clip = lambda v: min(max(v, floor), 1e2)  # noqa: E731  NaN gradients (inf) drawn at the top
-    span_ax, size_ax, estimate_ax = axes
-    for (family, rows), colour in zip(report["span"].items(), ("C0", "C3")):
-        spans = [r["span"] for r in rows]
+    if state_space:
+        span_ax, size_ax, estimate_ax = axes[:3]
+        for (family, rows), colour in zip(report["span"].items(), ("C0", "C3")):
+            spans = [r["span"] for r in rows]
+            for form, style in (("square_root", "o-"), ("covariance", "x--")):
+                span_ax.loglog(spans, [clip(r[form]["gradient"]) for r in rows], style, color=colour, label=f"{family}, {form.replace('_', ' ')}")
+        span_ax.set_xlabel("span of x")
+        span_ax.set_title("gradient error against span (NaN drawn at 100)", fontsize=10)
+        rows = report["size"]
+        ns = [r["n"] for r in rows]
         for form, style in (("square_root", "o-"), ("covariance", "x--")):
-            span_ax.loglog(spans, [clip(r[form]["gradient"]) for r in rows], style, color=colour, label=f"{family}, {form.replace('_', ' ')}")
-    span_ax.set_xlabel("span of x")
-    span_ax.set_title("gradient error against span (NaN drawn at 100)", fontsize=10)
-    rows = report["size"]
-    ns = [r["n"] for r in rows]
-    for form, style in (("square_root", "o-"), ("covariance", "x--")):
-        size_ax.loglog(ns, [clip(r[form]["gradient"]) for r in rows], style, label=f"{form.replace('_', ' ')}: gradient")
-        size_ax.loglog(ns, [clip(r[form]["value"]) for r in rows], style, alpha=0.4, label=f"{form.replace('_', ' ')}: value")
-    size_ax.set_xlabel("n (camera curve, 100 points per unit of x)")
-    size_ax.set_title("error against n", fontsize=10)
-    rows = report["estimate"]
-    families = sorted({r["family"] for r in rows})
-    for family, marker in zip(families, "osD^v<>"):
-        chosen = [r for r in rows if r["family"] == family]
-        estimate_ax.loglog([r["estimate"] for r in chosen], [clip(r["square_root"]["gradient"]) for r in chosen], marker, alpha=0.7, label=family)
-    estimate_ax.axvline(report["warning_level"], color="k", ls=":", label="warning level")
-    estimate_ax.set_xlabel("estimate eps · max spread")
-    estimate_ax.set_title("square-root form: error against its estimate", fontsize=10)
+            size_ax.loglog(ns, [clip(r[form]["gradient"]) for r in rows], style, label=f"{form.replace('_', ' ')}: gradient")
+            size_ax.loglog(ns, [clip(r[form]["value"]) for r in rows], style, alpha=0.4, label=f"{form.replace('_', ' ')}: value")
+        size_ax.set_xlabel("n (camera curve, 100 points per unit of x)")
+        size_ax.set_title("error against n", fontsize=10)
+        rows = report["estimate"]
+        families = sorted({r["family"] for r in rows})
+        for family, marker in zip(families, "osD^v<>"):
+            chosen = [r for r in rows if r["family"] == family]
+            estimate_ax.loglog([r["estimate"] for r in chosen], [clip(r["square_root"]["gradient"]) for r in chosen], marker, alpha=0.7, label=family)
+        estimate_ax.axvline(report["warning_level"], color="k", ls=":", label="warning level")
+        estimate_ax.set_xlabel("estimate eps · max spread")
+        estimate_ax.set_title("square-root form: error against its estimate", fontsize=10)
+    if "dense" in report:
+        dense_ax = axes[-1]
+        rows = [r for r in report["dense"] if r["dense"]["finite"]]
+        for family, marker in zip(sorted({r["family"] for r in rows}), "osD^v<>"):
+            chosen = [r for r in rows if r["family"] == family]
+            dense_ax.loglog([r["estimate"] for r in chosen], [clip(r["dense"]["gradient"]) for r in chosen], marker, alpha=0.7, label=family)
+        dense_ax.axvline(report["dense_summary"]["warning_level"], color="k", ls=":", label="warning level")
+        dense_ax.set_xlabel("estimate eps · cond(U)")
+        dense_ax.set_title("dense solver: gradient error against its estimate", fontsize=10)
     for ax in axes:
         ax.axhline(report["targets"]["gradient"], color="grey", ls="-.", lw=1, label="target (gradient)")
         ax.set_ylabel("relative error (float32 vs float64)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"gpgrad_jax state-space solvers in float32 — {report['machine']['cpu']}", fontsize=10)
+    fig.suptitle(f"gpgrad_jax in float32 — {report['machine']['cpu']}", fontsize=10)
     return save_figure(fig, path)
 
 

@@ -7,7 +7,13 @@ Examples:
 
 from gpgrad_jax import kernels, noise, reference, state_space
 from gpgrad_jax._inducing import inducing_bound
-from gpgrad_jax._likelihood import index_gradient, log_marginal_likelihood, precision_form_log_likelihood
+from gpgrad_jax._likelihood import (
+    index_gradient,
+    index_hessian,
+    log_marginal_likelihood,
+    precision_form_log_likelihood,
+)
+from gpgrad_jax._parameters import constrain, unconstrain
 from gpgrad_jax._predict import predict, sample_posterior
 from gpgrad_jax._validation import ConditioningWarning, FactorizationError, NumericalError, value_checks
 
@@ -17,7 +23,9 @@ __all__ = [
     "ConditioningWarning",
     "FactorizationError",
     "NumericalError",
+    "constrain",
     "index_gradient",
+    "index_hessian",
     "inducing_bound",
     "kernels",
     "log_marginal_likelihood",
@@ -27,5 +35,6 @@ __all__ = [
     "reference",
     "sample_posterior",
     "state_space",
+    "unconstrain",
     "value_checks",
 ]

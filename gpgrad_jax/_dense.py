@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from gpgrad_jax._linalg import cho_inverse, cho_inverse_lower, cholesky, symmetrize_lower
 from gpgrad_jax._rules import unwrap_primals
-from gpgrad_jax._validation import check_factorization, check_finite_result
+from gpgrad_jax._validation import check_factorization, check_finite_result, check_precision
 
 Array = Any
 
@@ -64,21 +64,46 @@ def _u_core(kernel, noise, x, dim):
 def _factor(kernel, noise, x, r, want_inverse):
     n, dim = r.shape
     p, q = noise.core_shape(n, dim)
-    chol = cholesky(_u_core(kernel, noise, x, dim))
+    u_core = _u_core(kernel, noise, x, dim)
+    chol = cholesky(u_core)
     w = noise.whiten(r)
     alpha = chol.solve(w)
     quadratic = jnp.sum(w * alpha)
     value = -0.5 * quadratic - 0.5 * q * chol.log_det() - 0.5 * p * q * math.log(2.0 * math.pi)
     pivots = jnp.diagonal(chol.low)
-    return Factor(value, pivots, chol.inverse if want_inverse else None, alpha), quadratic
+    condition = _condition_estimate(jax.lax.stop_gradient(u_core), chol)
+    return Factor(value, pivots, chol.inverse if want_inverse else None, alpha), quadratic, condition
+
+
+#: Power iterations of the condition estimate: the Rayleigh quotients of ``U`` and ``U⁻¹`` after
+#: this many steps were within 10 % of the extreme eigenvalues on the calibration problems.
+_POWER_STEPS = 8
+
+
+def _condition_estimate(u, chol):
+    """``cond(U) ≈ λ_max(U) · λ_max(U⁻¹)`` by power iteration (``O(m²)`` a step), from a fixed
+    start with no sign pattern; what the rounding of the factorisation and of ``U⁻¹`` scales with."""
+    m = u.shape[-1]
+    start = jnp.cos(1.6180339887 * jnp.arange(1, m + 1, dtype=u.dtype)) + 0.5
+    largest, inverse_largest = start, start
+    for _ in range(_POWER_STEPS):
+        largest = u @ largest
+        largest = largest / jnp.linalg.norm(largest)
+        inverse_largest = chol.solve(inverse_largest)
+        inverse_largest = inverse_largest / jnp.linalg.norm(inverse_largest)
+    top = largest @ (u @ largest)
+    bottom = inverse_largest @ chol.solve(inverse_largest)
+    return jnp.abs(top * bottom)
 
 
 def factor(kernel, noise, x, r, want_inverse: bool = True) -> Factor:
-    """``L``, the Cholesky factor of ``U``'s core and ``α``; concrete results are checked."""
-    fac, quadratic = _factor(kernel, noise, x, r, want_inverse)
+    """``L``, the Cholesky factor of ``U``'s core and ``α``; concrete results are checked, and the
+    precision warned of (eagerly, or by a host callback under ``jit``)."""
+    fac, quadratic, condition = _factor(kernel, noise, x, r, want_inverse)
     if not isinstance(fac.pivots, jax.core.Tracer):
         check_factorization(fac.pivots, lambda: _u_core(kernel, noise, x, r.shape[1]))
         check_finite_result(fac.value, quadratic)
+    check_precision("dense", condition, r.dtype)
     return fac
 
 

@@ -46,7 +46,15 @@ from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._linalg import Cholesky, cho_inverse, cholesky
 from gpgrad_jax._noise import BlockDiagonal, Noise
 from gpgrad_jax._rules import unwrap_primals
-from gpgrad_jax._validation import _as_float_array, _check_rule, _kernel_names, check_finite, check_finite_output
+from gpgrad_jax._validation import (
+    _all_hold,
+    _as_float_array,
+    _check_rule,
+    _kernel_names,
+    check_finite,
+    check_finite_output,
+    poison,
+)
 
 Array = Any
 
@@ -413,10 +421,12 @@ def check_inducing(kernel, noise, x, inducing, jitter, stacklevel=3):
             f"`inducing` must have shape {want} with m >= 1, like `x` of shape {x.shape} "
             f"(one inducing input per row, in the index space of `x`), got shape {z.shape}"
         )
-    check_finite("inducing", z)
+    verdicts = [check_finite("inducing", z)]
     anchored = _kernel_names(kernel, "nonnegative_index")
     if anchored:
-        _check_rule("inducing", z, lambda a: a >= 0, f">= 0 for the {anchored} kernel (indices are positions from a curve's start)")
+        requirement = f">= 0 for the {anchored} kernel (indices are positions from a curve's start)"
+        verdicts.append(_check_rule("inducing", z, lambda a: a >= 0, requirement))
+    (z,) = poison(_all_hold(verdicts), z)
     m = z.shape[0]
     if m > n:
         warnings.warn(

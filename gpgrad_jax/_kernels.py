@@ -457,7 +457,7 @@ class Cosine(Kernel):
 
 def damped_oscillation(damping, squared_frequency, t):
     r"""$e^{-\gamma t}\,(c(t),\ s(t))$ with $c = \cos(\eta t)$, $s = \sin(\eta t)/\eta$ for
-    $\eta^2 = $ ``squared_frequency`` $> 0$, their hyperbolic forms for $\eta^2 < 0$ and the
+    $\eta^2$ (``squared_frequency``) $> 0$, their hyperbolic forms for $\eta^2 < 0$ and the
     common Taylor series near $\eta^2 t^2 = 0$ (the critically damped oscillator): one smooth
     function of $\eta^2$, differentiable through the switch, and never $\infty \cdot 0$ (the
     hyperbolic forms are written as decaying exponentials)."""
@@ -488,7 +488,7 @@ def damped_oscillation(damping, squared_frequency, t):
 class SHO(Kernel):
     r"""Stochastically driven damped simple harmonic oscillator on scalar indices.
 
-    $f'' + (\omega/Q) f' + \omega^2 f = $ white noise, scaled so that $k(a, a) = \sigma^2$:
+    $f'' + (\omega/Q) f' + \omega^2 f = \xi$ with $\xi$ white noise, scaled so that $k(a, a) = \sigma^2$:
 
     $$
     k(\tau) = \sigma^2 e^{-\gamma |\tau|} \left( c(|\tau|) + \gamma\, s(|\tau|) \right),

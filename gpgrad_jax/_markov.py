@@ -60,7 +60,7 @@ from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import transpose as _t
 from gpgrad_jax._statespace import Kronecker, Matern, Polynomial, may_kink, model_components, unit_cubic_noise
-from gpgrad_jax._validation import check_finite_value, check_state_space_precision
+from gpgrad_jax._validation import check_finite_value, check_precision
 
 Array = Any
 
@@ -393,10 +393,10 @@ def _forward_sqrt_jvp(parallel, primals, tangents):
 
 def forward(parallel, square_root, kernel, noise, x, r):
     """``(L, (model, filtered))`` by the chosen form; the square-root form checks its rounding
-    estimate (``gpgrad_jax._validation.check_state_space_precision``)."""
+    estimate (``gpgrad_jax._validation.check_precision``)."""
     if square_root:
         value, state = _forward_sqrt(parallel, kernel, noise, x, r)
-        check_state_space_precision(state[1].spread, r.dtype)
+        check_precision("state-space", state[1].spread, r.dtype)
         return value, state
     return _forward(parallel, False, kernel, noise, x, r)
 

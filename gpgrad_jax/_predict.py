@@ -17,7 +17,7 @@ from gpgrad_jax._markov import MarkovSolver
 from gpgrad_jax._noise import BlockDiagonal, Noise, log_pseudo_determinants
 from gpgrad_jax._smallmatrix import solve
 from gpgrad_jax._solvers import call_solver, resolve
-from gpgrad_jax._validation import _as_float_array, _check_rule, check_finite
+from gpgrad_jax._validation import _all_hold, _as_float_array, _check_rule, _kernel_names, check_finite, poison
 
 Array = Any
 
@@ -117,14 +117,21 @@ def predict(
         # Padded to a power of two (with copies of a new point): a new n_new reuses the solver's
         # compiled program instead of compiling its own, which costs far more than the padding.
         padded = _pad(x_new, _bucket(out_shape[0]), x.dtype)
-        offset, variance = call_solver(resolve(solver, kernel, noise, x).predict, kernel, noise, x, r, padded)
+        chosen = resolve(solver, kernel, noise, x, out_shape[0])
+        offset, variance = call_solver(chosen.predict, kernel, noise, x, r, padded)
         return _finish_marginals(out_shape, mean_new, offset, variance, noise_new)
     resolve(solver, kernel, noise, x)  # the solver's name and applicability are still checked
-    return _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new)
+    return _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new, "the full covariance")
 
 
-def _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new):
+#: The dense posterior covariance at ``x_new`` and what is formed with it (its symmetric root for
+#: draws: eigenvectors, the root, temporaries) take about this many arrays of ``(n_new D)²``.
+_COVARIANCE_COPIES = 5
+
+
+def _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new, what):
     """Posterior mean and full covariance at ``x_new`` by the dense formula (prepared arguments)."""
+    _check_memory(x.shape[0] * r.shape[1], out_shape[0] * r.shape[1], x.dtype, what)
     x_new = _pad(x_new, out_shape[0], x.dtype)  # only the cast: an (n_new·D)² result gains nothing from buckets
     offset, covariance = call_solver(resolve("dense", kernel, noise, x).predict_covariance, kernel, noise, x, r, x_new)
     return _finish_covariance(out_shape, mean_new, offset, covariance, noise_new)
@@ -250,9 +257,9 @@ def sample_posterior(
         padded = _pad(x_new, _bucket(n_new), x.dtype)
         draws = inducing_posterior.sample(latent_key, kernel, noise, x, z, r, jitter, padded, num_samples)
         return _finish_draws(out_shape, noise_key, mean_new, draws, noise_new)
-    chosen = resolve(solver, kernel, noise, x)
+    chosen = resolve(solver, kernel, noise, x, n_new)
     if not isinstance(chosen, MarkovSolver):
-        mean_new, covariance = _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new)
+        mean_new, covariance = _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new, "dense draws")
         return _draw(key, num_samples, mean_new, covariance)
     latent_key, noise_key = jax.random.split(key)
     padded = _pad(x_new, _bucket(n_new), x.dtype)  # as in predict: one compiled program per bucket
@@ -306,6 +313,40 @@ def _check_inducing_options(solver, full_covariance=False):
         )
 
 
+def _available_bytes() -> int | None:
+    """Free memory of the default device (its allocator's limit less what is in use), or of the
+    host (``MemAvailable``) for a CPU; ``None`` where neither says."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # pragma: no cover - backends without memory statistics
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_memory(size: int, size_new: int, dtype, what: str) -> None:
+    """Raise ``ValueError`` before a dense posterior covariance of ``size_new`` rows (on ``size``
+    data rows) is formed that cannot fit in memory: the process would otherwise die allocating it."""
+    itemsize = np.dtype(dtype).itemsize
+    needed = (_COVARIANCE_COPIES * size_new**2 + 3 * size**2 + 2 * size * size_new) * itemsize
+    available = _available_bytes()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"{what} at {size_new} new rows (n_new · D) need the dense posterior covariance, about "
+            f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB free. Use a kernel with a "
+            "state-space form (solver='markov': O(n + n_new) predictions and draws), the inducing-point "
+            "posterior (inducing=...), or fewer new points per call."
+        )
+
+
 def _bucket(n: int) -> int:
     return max(8, 1 << (n - 1).bit_length())
 
@@ -320,23 +361,19 @@ def _prepare_new(kernel, x, y, noise, x_new, mean, mean_new):
         raise ValueError(
             f"`x_new` must have shape (n_new,) + {x.shape[1:]} like `x` with n_new >= 1, got shape {x_new.shape}"
         )
-    _check_finite_cheaply("x_new", x_new)
+    verdicts = [check_finite("x_new", x_new)]
+    anchored = _kernel_names(kernel, "nonnegative_index")
+    if anchored:
+        requirement = f">= 0 for the {anchored} kernel (indices are positions along the curve from its start)"
+        verdicts.append(_check_rule("x_new", x_new, lambda a: a >= 0, requirement))
+    (x_new,) = poison(_all_hold(verdicts), x_new)
     out_shape = (x_new.shape[0], *tuple(y_shape[1:]))
     if mean_new is not None:
         mean_new = _as_float_array("mean_new", mean_new)
         if mean_new.shape not in ((), out_shape):
             raise ValueError(f"`mean_new` must be a scalar or have shape {out_shape}, got shape {mean_new.shape}")
-        _check_finite_cheaply("mean_new", mean_new)
+        (mean_new,) = poison(check_finite("mean_new", mean_new), mean_new)
     return kernel, noise, x, r, x_new, mean_new, out_shape
-
-
-def _check_finite_cheaply(name, value):
-    """``check_finite``, on the host for a concrete single-device array: no program to
-    compile for each new shape (a sharded array is still reduced where it lives)."""
-    if isinstance(value, jax.core.Tracer) or len(value.sharding.device_set) > 1:
-        check_finite(name, value)
-    elif not np.all(np.isfinite(np.asarray(value))):
-        check_finite(name, value)  # for the message
 
 
 def _check_noise_new(noise_new, n_new, dim, dtype):
@@ -344,9 +381,9 @@ def _check_noise_new(noise_new, n_new, dim, dtype):
     if not isinstance(noise_new, Noise):
         raise TypeError(f"`noise_new` must be a gpgrad_jax.noise.Noise, got {type(noise_new).__name__}")
     noise_new.check_shapes(n_new, dim)
-    for name, value in noise_new.positive_parameters().items():
-        _check_rule(f"noise_new.{name}", value, lambda a: a > 0, "> 0")
-    noise_new = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, dtype), noise_new)
+    verdicts = [_check_rule(f"noise_new.{name}", value, lambda a: a > 0, "> 0") for name, value in noise_new.positive_parameters().items()]
+    valid = _all_hold(verdicts)
+    noise_new = jax.tree_util.tree_map(lambda leaf: poison(valid, jnp.asarray(leaf, dtype))[0], noise_new)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(noise_new)):
         return noise_new  # values unknown under a trace
     if isinstance(noise_new, BlockDiagonal):

@@ -41,15 +41,17 @@ def markov_obstacle(kernel, noise, x) -> str | None:
     return None
 
 
-def resolve(solver: str, kernel, noise, x):
-    """The solver object for ``solver`` (one of ``SOLVERS``) on this problem."""
+def resolve(solver: str, kernel, noise, x, n_new: int = 0):
+    """The solver object for ``solver`` (one of ``SOLVERS``) on this problem; ``n_new`` new
+    indices to predict or draw at count towards the size ``"auto"`` weighs (the dense solver's
+    predictions grow with them too: ``(n_new D)²`` memory for draws)."""
     if solver not in SOLVERS:
         raise ValueError(f"`solver` must be one of {', '.join(map(repr, SOLVERS))}; got {solver!r}")
     if solver == "dense":
         return _DENSE
     obstacle = markov_obstacle(kernel, noise, x)
     if solver == "auto":
-        if obstacle is not None or x.shape[0] < MARKOV_MIN_POINTS:
+        if obstacle is not None or x.shape[0] + n_new < MARKOV_MIN_POINTS:
             return _DENSE
         return _MARKOV[jax.default_backend() != "cpu"]
     if obstacle is not None:

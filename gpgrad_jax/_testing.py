@@ -41,7 +41,10 @@ def check_kernel(kernel: kernel_classes.Kernel, x: Array, *, rtol: float | None 
             [``gpgrad_jax.kernels.register``][gpgrad_jax.kernels.register]).
         x: index points, shape ``(n,)`` or ``(n, d)``; include the values your problems use
             (and repeated points, if your problems have them).
-        rtol: relative tolerance; default ``1e-6`` in float64, ``1e-2`` in float32.
+        rtol: relative tolerance; default ``1e-6`` in float64, ``1e-2`` in float32. Relative to
+            the largest value of each compared quantity; for ``grad_first`` at least to the
+            kernel's largest value over the extent of ``x`` (so that pairs at stationary points,
+            where the derivative is rounding noise, do not collapse the tolerance).
 
     Raises:
         AssertionError: naming the check, the worst pair ``(i, j)``, the points and both values.
@@ -75,7 +78,12 @@ def check_kernel(kernel: kernel_classes.Kernel, x: Array, *, rtol: float | None 
     _assert_finite("grad_first", hand, x)
     if auto.shape != hand.shape:
         raise AssertionError(f"grad_first returned shape {hand.shape[2:]} per pair; ∂k/∂a has shape {auto.shape[2:]}")
-    derivative_scale = max(float(np.max(np.abs(auto))), 1e-12 * scale)
+    # The kernel's own scale for a derivative — its largest value over the extent of `x` — floors
+    # the tolerance: where every pair sits at a stationary point (a periodic kernel at whole
+    # periods) the derivatives are rounding noise, and a tolerance relative to them would be too.
+    points = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+    extent = float(np.max(np.ptp(points, axis=0), initial=0.0)) or 1.0
+    derivative_scale = max(float(np.max(np.abs(auto))), float(np.max(np.abs(hand))), scale / extent)
     _assert_close("grad_first disagrees with the derivative of evaluate", hand, auto, rtol * derivative_scale, x)
 
     _check_whole_rule(kernel, x, rtol)

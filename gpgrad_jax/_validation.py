@@ -9,6 +9,7 @@ run time for a caller who transforms the function with ``checkify``, nothing oth
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -68,84 +69,74 @@ _WARNED_CONDITIONING: set[str] = set()
 
 
 def check_factorization(pivots: Any, u_core: Callable[[], Any]) -> None:
-    """Raise [``FactorizationError``][gpgrad_jax.FactorizationError] with advice if a *concrete* factor of ``U`` is unusable
-    (``pivots``: the diagonal of its lower Cholesky factor).
-
-    Unusable means not finite: the factorisation broke down, and so would the result (under
-    ``jit`` the same input gives a NaN, or this message through ``checkify``). A finite factor
-    whose ``(max Lᵢᵢ / min Lᵢᵢ)²`` — a lower bound on ``cond(U)`` — exceeds ``1/eps`` is
-    used, with one [``ConditioningWarning``][gpgrad_jax.ConditioningWarning] per precision and process: the precision form
-    often keeps such results usable (a float32 cubic spline on ``[0, 3000]``, 50 points: value
-    within 5e-4 of float64, the gradient within 0.13 in max norm), and refusing them eagerly while
-    ``jit`` returns them gave one input two outcomes.
-    """
+    """Raise [``FactorizationError``][gpgrad_jax.FactorizationError] with advice if a *concrete*
+    factor of ``U`` is unusable (``pivots``: the diagonal of its lower Cholesky factor): not finite
+    — the factorisation broke down, and so would the result (under ``jit`` the same input gives a
+    NaN, or this message through ``checkify``). Whether a usable factor is accurate enough is
+    ``check_precision``'s question."""
     if isinstance(pivots, jax.core.Tracer):
         return
     # Only the pivots come to the host: a breakdown anywhere in the factorisation reaches
     # every later pivot, and copying the whole factor would cost O(m²) per eager call.
     dtype = pivots.dtype
     pivots = np.abs(np.asarray(pivots)).astype(np.float64)
-    eps = float(np.finfo(dtype).eps)
-    finite = bool(np.all(np.isfinite(pivots))) and pivots.min() > 0
-    cond_bound = float((pivots.max() / pivots.min()) ** 2) if finite else np.inf
-    if finite:
-        if cond_bound * eps >= 1.0 and str(dtype) not in _WARNED_CONDITIONING:
-            _WARNED_CONDITIONING.add(str(dtype))
-            warnings.warn(
-                f"U = I + S (K ⊗ I_D) Sᵀ is ill-conditioned for {dtype} (cond(U) ≥ {cond_bound:.1e} > "
-                f"1/eps): the result may have lost accuracy. Rescale the indices or the kernel "
-                "variances, or use float64. (Shown once per precision.)",
-                ConditioningWarning,
-                stacklevel=2,
-            )
+    if bool(np.all(np.isfinite(pivots))) and pivots.min() > 0:
         return
+    eps = float(np.finfo(dtype).eps)
     u = np.asarray(u_core(), np.float64)  # computed only now, for the message
     if not np.all(np.isfinite(u)):
         cond = "infinite (U has non-finite entries: the kernel overflowed)"
     else:
         eig = np.linalg.eigvalsh(u)
         cond = f"about {eig[-1] / max(eig[0], 1.0):.1e}"
-    what = "could not be Cholesky-factored" if not finite else "is too ill-conditioned to factor"
     raise FactorizationError(
-        f"U = I + S (K ⊗ I_D) Sᵀ ({u.shape[-1]}×{u.shape[-1]}, {dtype}) {what}: its "
+        f"U = I + S (K ⊗ I_D) Sᵀ ({u.shape[-1]}×{u.shape[-1]}, {dtype}) could not be Cholesky-factored: its "
         f"condition number is {cond}, beyond what {dtype} resolves (1/eps = {1 / eps:.1e}). "
         "Rescale the indices or the kernel variances (for the CubicSpline kernel cond(U) grows "
         "like max(x)³·variance/noise²), or use float64: jax.config.update('jax_enable_x64', True)."
     )
 
 
-#: The square-root state-space solver warns when its rounding estimate exceeds this. The estimate
-#: is ``eps · max_k (‖o_k‖ + ‖C_k S⁻_k‖)``: how many noise standard deviations the whitened data
-#: and the predicted spread of the curve span, times the working precision. Over 230 float32
-#: problems (camera rays, helices, Matérn series; spans 1–3000, noise 0.001–0.3, 20–3000
-#: points; ``benchmarks/float32.py``) the gradient's relative error was 0.014–6.2× the estimate;
-#: every one of the 18 that missed the targets (gradient 1e-3, worst entry 1e-2, value 1e-4) had
-#: an estimate of 3.8e-3 or more, and 26 below the targets (2.5e-5 … 7.4e-4) were warned of too.
-#: ``benchmarks/float32.py``'s 120 random problems: 13 misses, all warned; 19 false alarms.
-PRECISION_WARNING_LEVEL = 1e-3
+#: Each solver warns when ``eps`` times its rounding estimate exceeds its level.
+#:
+#: * ``"state-space"`` (the square-root filter): the estimate is ``max_k (‖o_k‖ + ‖C_k S⁻_k‖)``, how
+#:   many noise standard deviations the whitened data and the predicted spread of the curve span.
+#:   Over 230 float32 problems (camera rays, helices, Matérn series; spans 1–3000, noise
+#:   0.001–0.3, 20–3000 points; ``benchmarks/float32.py``) the gradient's relative error was
+#:   0.014–6.2× ``eps`` times the estimate; every one of the 18 that missed the targets (gradient
+#:   1e-3, worst entry 1e-2, value 1e-4) had ``eps`` times it at 3.8e-3 or more, and 26 below the
+#:   targets (2.5e-5 … 7.4e-4) were warned of too.
+#: * ``"dense"``: the estimate is ``cond(U)``, from a few power iterations on ``U`` and on ``U⁻¹``.
+#:   Over 80 random float32 problems (curve, Matérn, squared-exponential kernels; 20–200 points,
+#:   D = 1 or 3, isotropic and rank-deficient noise; spans 1–300, noise 0.003–0.3;
+#:   ``benchmarks/float32.py --solver dense``) the first miss of the targets had ``eps · cond(U)``
+#:   = 7.5e-3; those that the factorisation could not take at all raise (eagerly) or are NaN.
+PRECISION_WARNING_LEVELS = {"state-space": 1e-3, "dense": 3e-3}
 
 
-def check_state_space_precision(spread: Any, dtype: Any) -> None:
-    """One [``ConditioningWarning``][gpgrad_jax.ConditioningWarning] per precision when ``eps · max(spread)`` exceeds
-    ``PRECISION_WARNING_LEVEL``: now for concrete values, at run time under a trace — a host
-    callback that runs only when the check fails (under ``vmap``, once per call and device)."""
+def check_precision(solver: str, estimate: Any, dtype: Any) -> None:
+    """One [``ConditioningWarning``][gpgrad_jax.ConditioningWarning] per solver and precision when
+    ``eps · max(estimate)`` exceeds the solver's level (``PRECISION_WARNING_LEVELS``): now for
+    concrete values, at run time under a trace — a host callback that runs only when the check
+    fails (under ``vmap``, once per call and device)."""
     eps = float(jnp.finfo(dtype).eps)
-    if eps * 1e6 < PRECISION_WARNING_LEVEL:
-        return  # float64: the estimate cannot come near the level for finite data
-    if not isinstance(spread, jax.core.Tracer):
-        _warn_precision(np.asarray(spread), eps, str(dtype))
+    if solver == "state-space" and eps * 1e6 < PRECISION_WARNING_LEVELS[solver]:
+        return  # float64: the filter's estimate cannot come near the level for finite data
+    if not isinstance(estimate, jax.core.Tracer):
+        _warn_precision(np.asarray(estimate), eps, str(dtype), solver)
         return
-    _report_precision(jax.lax.stop_gradient(jnp.max(spread)), eps, str(dtype))
+    _report_precision(jax.lax.stop_gradient(jnp.max(estimate)), eps, str(dtype), solver)
 
 
-def _report_precision(largest: Any, eps: float, dtype: str) -> None:
+def _report_precision(largest: Any, eps: float, dtype: str, solver: str) -> None:
     """At run time, warn if ``eps · largest`` exceeds the level. Under ``vmap`` the whole batch
     goes to one host callback per device (``partitioned``): the default batching of a callback
     would slice the batch into single problems and gather them to one device — collectives in a
     batch sharded over devices, whose problems must not communicate."""
+    level = PRECISION_WARNING_LEVELS[solver]
 
     def warn(values):
-        _warn_precision(np.asarray(values), eps, dtype)
+        _warn_precision(np.asarray(values), eps, dtype, solver)
 
     @custom_vmap
     def report_all(values):
@@ -159,7 +150,7 @@ def _report_precision(largest: Any, eps: float, dtype: str) -> None:
 
     @custom_vmap
     def report(value):
-        jax.lax.cond(eps * value > PRECISION_WARNING_LEVEL, lambda: report_all(value), lambda: value)
+        jax.lax.cond(eps * value > level, lambda: report_all(value), lambda: value)
         return value
 
     @report.def_vmap
@@ -170,19 +161,31 @@ def _report_precision(largest: Any, eps: float, dtype: str) -> None:
     report(largest)
 
 
-def _warn_precision(spread: np.ndarray, eps: float, dtype: str) -> None:
-    estimate = eps * float(np.max(spread, initial=0.0))
-    key = f"state-space {dtype}"
-    if not estimate > PRECISION_WARNING_LEVEL or key in _WARNED_CONDITIONING:
+def _warn_precision(values: np.ndarray, eps: float, dtype: str, solver: str) -> None:
+    estimate = eps * float(np.max(values, initial=0.0))
+    key = f"{solver} {dtype}"
+    if not estimate > PRECISION_WARNING_LEVELS[solver] or key in _WARNED_CONDITIONING:
         return
     _WARNED_CONDITIONING.add(key)
+    wider = "" if dtype == "float64" else "float64, "
+    if solver == "dense":
+        cause = (
+            f"U = I + S (K ⊗ I_D) Sᵀ has a condition number of about {estimate / eps:.1e}: eps · cond(U) = "
+            f"{estimate:.0e}, and on random problems the gradient's relative error was up to a fifth of that "
+            f"(the value's less). Use {wider}a state-space solver where the kernel has a state-space form "
+            "(solver='markov'), or rescale the indices and the kernel variances (for the CubicSpline kernel "
+            "cond(U) grows like max(x)³·variance/noise²)."
+        )
+    else:
+        cause = (
+            "the whitened data and the predicted spread of the curve span up to "
+            f"{estimate / eps:.1e} noise standard deviations, so the gradient may be wrong by that fraction "
+            f"(the value by less). Use {wider}or make the numbers smaller: pass a `mean` close to the "
+            "data (its residuals are what the filter carries), or rescale the indices and variances."
+        )
     warnings.warn(
-        f"{dtype} resolves this state-space problem to about {estimate:.0e} relative: the whitened data "
-        "and the predicted spread of the curve span up to "
-        f"{estimate / eps:.1e} noise standard deviations, so the gradient may be wrong by that fraction "
-        f"(the value by less). Use float64, or make the numbers smaller: pass a `mean` close to the "
-        "data (its residuals are what the filter carries), or rescale the indices and variances. "
-        "(Shown once per precision.)",
+        f"{dtype} resolves this {solver} problem to about {estimate:.0e} relative: {cause} "
+        "(Shown once per solver and precision.)",
         ConditioningWarning,
         stacklevel=3,
     )
@@ -270,21 +273,39 @@ def _kernel_names(kernel: Kernel, flag: str) -> str:
     return ", ".join(sorted({type(part).__name__ for part in kernel.parts() if getattr(part, flag)}))
 
 
-def check_values(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any) -> None:
-    """Raise ``ValueError`` for every concrete argument that breaks a value rule.
+def check_values(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
+    """Raise ``ValueError`` for every concrete argument that breaks a value rule; return whether
+    the traced ones hold (a traced boolean), or ``None`` when every rule was checked now.
 
     Host data (numpy arrays, Python numbers and lists, JAX arrays on one CPU device) are
     checked in place by numpy: no compilation per new shape, no dispatch. Anything else is
     reduced on its device and only the verdict comes to the host (the values only when a rule
     fails, for the message): no copy of a large or sharded array per call.
     """
-    for rule in _value_rules(kernel, x, y, noise, mean):
-        _check_rule(*rule)
+    return _all_hold([_check_rule(*rule) for rule in _value_rules(kernel, x, y, noise, mean)])
 
 
-def check_finite(name: str, value: Any) -> None:
-    """Raise ``ValueError`` if a concrete ``value`` has a NaN or an infinity."""
-    _check_rule(name, value, _isfinite, "finite")
+def _all_hold(verdicts):
+    """The conjunction of the traced verdicts of ``_check_rule`` (``None``: all were checked now)."""
+    traced = [v for v in verdicts if v is not None]
+    return None if not traced else functools.reduce(jnp.logical_and, traced)
+
+
+def poison(valid, *arrays):
+    """``arrays`` unchanged where ``valid`` (a traced verdict of the value rules) holds, NaN
+    everywhere otherwise — and so every result and cotangent computed from them: under ``jit``
+    an input outside the domain (a negative index of the curve kernel, a zero variance) gives
+    NaN, never a finite wrong number (with ``checkify``, the eager call's message). ``None``: the
+    rules were checked eagerly."""
+    if valid is None:
+        return arrays
+    return tuple(a + jnp.where(valid, 0.0, jnp.nan).astype(a.dtype) for a in arrays)
+
+
+def check_finite(name: str, value: Any):
+    """Raise ``ValueError`` if a concrete ``value`` has a NaN or an infinity; a traced verdict
+    (see ``poison``) when it is not concrete."""
+    return _check_rule(name, value, _isfinite, "finite")
 
 
 def _isfinite(a):
@@ -321,12 +342,15 @@ def _known_value(tracer):
 
 
 def _check_rule(name, value, predicate, requirement):
+    """Raise ``ValueError`` now if a concrete ``value`` breaks the rule; for a traced one return
+    its verdict (a traced boolean), having registered the message with ``checkify``."""
     if isinstance(value, jax.core.Tracer):
         known = _known_value(value)
         if known is None:
             # The same message at run time when the caller runs under checkify (a no-op otherwise).
-            _debug_check(lambda: jnp.all(predicate(value)), f"`{name}` must be {requirement}")
-            return
+            verdict = jnp.all(predicate(value))
+            _debug_check(lambda: verdict, f"`{name}` must be {requirement}")
+            return verdict
         value = known  # eager differentiation: check now, as an eager call does
     host = _on_host(value)
     if host is not None:
@@ -370,7 +394,9 @@ def value_checks(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any = None)
 def check_problem(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
     """Validate and normalise the arguments of the likelihood functions.
 
-    Returns ``(x, y2, mean2)`` with ``y2`` and ``mean2`` of shape ``(n, D)``.
+    Returns ``(x, y2, mean2, valid)`` with ``y2`` and ``mean2`` of shape ``(n, D)`` and ``valid``
+    the traced verdict of the value rules that could not be checked now (``None`` if all were):
+    pass it to ``poison``.
     """
     if not isinstance(kernel, Kernel):
         raise TypeError(
@@ -415,8 +441,8 @@ def check_problem(kernel: Kernel, x: Any, y: Any, noise: Noise, mean: Any):
     noise.check_shapes(n, dim)
     for leaf_name, leaf in _named_leaves("kernel", kernel) + _named_leaves("noise", noise):
         check_parameter_dtype(leaf_name, leaf)
-    check_values(kernel, x, y, noise, mean)
-    return x, y.reshape(n, dim), mean.reshape(n, dim)
+    valid = check_values(kernel, x, y, noise, mean)
+    return x, y.reshape(n, dim), mean.reshape(n, dim), valid
 
 
 def check_registered(kernel: Kernel) -> None:

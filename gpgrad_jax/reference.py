@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from gpgrad_jax import _linalg
 from gpgrad_jax._noise import _rank_mask
-from gpgrad_jax._validation import check_problem
+from gpgrad_jax._validation import check_problem, poison
 
 __all__ = ["inducing_bound", "log_marginal_likelihood", "precision_form_log_likelihood"]
 
@@ -26,7 +26,8 @@ def precision_form_log_likelihood(kernel, x, y, noise, mean=None):
     Same arguments and value as [``gpgrad_jax.precision_form_log_likelihood``][gpgrad_jax.precision_form_log_likelihood];
     gradients come from ordinary reverse-mode autodiff.
     """
-    x, y, mean = check_problem(kernel, x, y, noise, mean)
+    x, y, mean, valid = check_problem(kernel, x, y, noise, mean)
+    x, y = poison(valid, x, y)
     n, dim = y.shape
     prior = jnp.kron(kernel.matrix(x, x), jnp.eye(dim, dtype=y.dtype))
     s = noise.dense_matrix(n, dim)
@@ -45,7 +46,8 @@ def log_marginal_likelihood(kernel, x, y, noise, mean=None):
     gradient, by autodiff through ``slogdet``. The rank is counted on the whole $S$ (not per
     block), which agrees on well-scaled problems.
     """
-    x, y, mean = check_problem(kernel, x, y, noise, mean)
+    x, y, mean, valid = check_problem(kernel, x, y, noise, mean)
+    x, y = poison(valid, x, y)
     value = precision_form_log_likelihood(kernel, x, y, noise, mean)
     return value + _noise_term(noise.dense_matrix(*y.shape))
 
@@ -72,7 +74,8 @@ def inducing_bound(kernel, x, y, noise, inducing, mean=None, jitter=None):
     """
     from gpgrad_jax._inducing import default_jitter
 
-    x, y, mean = check_problem(kernel, x, y, noise, mean)
+    x, y, mean, valid = check_problem(kernel, x, y, noise, mean)
+    x, y = poison(valid, x, y)
     n, dim = y.shape
     z = jnp.asarray(inducing, x.dtype)
     jitter = default_jitter(x.dtype) if jitter is None else jitter

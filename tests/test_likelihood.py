@@ -186,6 +186,23 @@ def test_second_derivatives_equal_reference_hessian(x64):
         jax.jvp(f, (x,), (jnp.ones_like(x),))
 
 
+@pytest.mark.parametrize("solver, index_dim", [("dense", None), ("dense", 2), ("markov", None)])
+def test_index_hessian_in_blocks_equals_jax_hessian(solver, index_dim, x64):
+    """``gg.index_hessian`` (Hessian-vector products, a few directions at a time) is
+    ``jax.hessian`` of the log density, for scalar and 2-D indices, any block size."""
+    kernel_name = "curve" if index_dim is None else "matern32"
+    problem = make_problem(kernel_name, "per_point_rank_deficient", 3, 3, index_dim, n=7)
+    kernel, x, y, nz, mean = problem.args()
+    want = jax.jit(jax.hessian(lambda x_: gg.log_marginal_likelihood(kernel, x_, y, nz, mean, solver=solver)))(x)
+    tol = 1e-8 if x64 else 5e-3
+    for block_size in (2, 50):
+        got = gg.index_hessian(kernel, x, y, nz, mean, solver=solver, block_size=block_size)
+        assert got.shape == x.shape + x.shape
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    with pytest.raises(ValueError, match="`block_size` must be a positive integer"):
+        gg.index_hessian(kernel, x, y, nz, block_size=0)
+
+
 @pytest.mark.float32
 def test_float32_agrees_with_float64_on_a_well_scaled_problem(x64):
     if not x64:

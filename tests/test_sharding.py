@@ -32,9 +32,7 @@ enough_devices = pytest.mark.skipif(
 @pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() >= DEVICES, reason="this process has the devices itself")
 def test_on_forced_host_devices():
-    # The device count first (XLA stops at a word without "--"). The dense solver's batched LAPACK
-    # calls can deadlock across forced host devices whatever the flags (jaxlib 0.10.2): the tests
-    # run it once per program, and test_dense_solver_across_devices_maps_within_each the remedy.
+    # The device count first (XLA stops at a word without "--").
     flags = f"--xla_force_host_platform_device_count={DEVICES} --xla_cpu_multi_thread_eigen=false "
     flags += os.environ.get("XLA_FLAGS", "")
     result = subprocess.run(
@@ -172,26 +170,37 @@ def test_explicit_mesh_axes(x64):
 
 
 @enough_devices
-def test_dense_solver_across_devices_maps_within_each(x64):
-    """The dense solver on forced host devices: under ``vmap`` its batched LAPACK solves can
-    deadlock across devices (jaxlib 0.10.2: one thread per device, each waiting in a batched
-    triangular solve for work queued behind the others — with or without Eigen's thread pool).
-    The remedy the README gives — ``shard_map`` over the batch, ``lax.map`` within each device's
-    part, so that every LAPACK call is unbatched — runs repeatedly, communicates nothing and
-    gives the single-device results."""
+@pytest.mark.parametrize("solver", ["dense", "markov", "markov-parallel"])
+def test_sharded_programs_hold_no_batched_lapack_call(solver, x64):
+    """The sharded programs of every solver and of the inducing bound: no batched LAPACK call
+    (jaxlib 0.10.2's can deadlock across devices), checked on what each device compiles."""
+    from test_no_lapack import batched_lapack_calls
+
+    kernel, x, y, nz, mean = _batch("per_point_rank_deficient")
+    batched = jax.device_put((x, y, nz, mean), NamedSharding(_mesh(), P("batch")))
+    assert not batched_lapack_calls(_per_problem(solver), kernel, *batched)
+    if solver == "dense":
+        z = jnp.linspace(0.1, 2.9, 4, dtype=x.dtype)
+        bound = jax.jit(jax.vmap(jax.value_and_grad(gg.inducing_bound, argnums=(1, 4)), in_axes=(None, 0, 0, 0, None, 0)))
+        assert not batched_lapack_calls(bound, kernel, batched[0], batched[1], batched[2], z, batched[3])
+
+
+@enough_devices
+def test_dense_solver_across_devices_repeats_without_a_hang(x64):
+    """The dense solver vmapped over a batch sharded across forced host devices: with jaxlib
+    0.10.2's batched LAPACK calls, every device's thread could wait in a batched triangular solve
+    for work queued behind the others (a few dozen repetitions showed it). Its batches now take
+    the written-out factorisation: plain ``vmap``, repeated, communicates nothing and gives the
+    single-device results."""
     kernel, x, y, nz, mean = _batch("per_point_rank_deficient")
     mesh = _mesh()
 
     def one(x, y, nz, mean):  # in x only: the shared kernel's cotangent would be summed over devices
         return jax.value_and_grad(gg.precision_form_log_likelihood, argnums=1)(kernel, x, y, nz, mean, solver="dense")
 
-    mapped = jax.jit(
-        jax.shard_map(
-            lambda *batch: jax.lax.map(lambda a: one(*a), batch), mesh=mesh, in_specs=P("batch"), out_specs=P("batch")
-        )
-    )
+    batched_fn = jax.jit(jax.vmap(one))
     batched = jax.device_put((x, y, nz, mean), NamedSharding(mesh, P("batch")))
-    assert _collectives(mapped.lower(*batched).compile()) == {}
+    assert _collectives(batched_fn.lower(*batched).compile()) == {}
     for _ in range(50):  # the deadlock needed a few dozen repetitions to show
-        result = jax.block_until_ready(mapped(*batched))
+        result = jax.block_until_ready(batched_fn(*batched))
     _assert_same(result, jax.vmap(one)(x, y, nz, mean), rtol=_rtol(x64))
