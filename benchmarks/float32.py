@@ -1,18 +1,19 @@
 """Float32 accuracy of the solvers: the state-space solvers' covariance and square-root forms, and
 the dense solver against its condition estimate.
 
-    python benchmarks/float32.py                  # this machine, one thread (about 12 minutes)
+    python benchmarks/float32.py                  # this machine, one thread (about 25 minutes)
     python benchmarks/float32.py --quick          # small sizes, for a smoke test
-    python benchmarks/float32.py --only dense     # the dense solver's section alone
+    python benchmarks/float32.py --only dense     # the dense solver's section (about 15 minutes)
 
-Writes ``<out>/float32_cpu.json`` and ``<out>/float32_cpu.png``. Every problem is built from
-float32-representable numbers and solved three times: in float32 by the covariance form (the
-filter and smoother up to 0.3), in float32 by the square-root form (the default for float32
-since 0.4), and in float64 by the square-root form — the reference, equal to the dense solver
-to 1e-9 (``tests/test_markov.py``). For each: the value's relative error, the gradient's in
-``x`` (relative norm, and the worst element over the largest), and the rounding estimate
-``eps · max spread`` on which the ``ConditioningWarning`` fires (above
-``PRECISION_WARNING_LEVEL``). The targets: gradient ≤ 1e-3, worst element ≤ 1e-2, value ≤ 1e-4.
+Writes ``<out>/float32_cpu.json`` and ``<out>/float32_cpu.png`` (a section alone:
+``float32_<section>_cpu.*``). Every state-space problem is built from float32-representable
+numbers and solved three times: in float32 by the covariance form (the filter and smoother up to
+0.3), in float32 by the square-root form (the default for float32 since 0.4), and in float64 by
+the square-root form — the reference, equal to the dense solver to 1e-9
+(``tests/test_markov.py``). For each: the value's relative error, the gradient's in ``x``
+(relative norm, and the worst element over the largest), and the rounding estimate
+``eps · max spread`` on which the ``ConditioningWarning`` fires (above its level in
+``PRECISION_WARNING_LEVELS``). The targets: gradient ≤ 1e-3, worst element ≤ 1e-2, value ≤ 1e-4.
 
 Series:
 
@@ -49,6 +50,8 @@ def _only(parser):
 
 
 ARGS = parse_arguments(__doc__, "float32_cpu", _only) if __name__ == "__main__" else None
+if ARGS is not None and ARGS.only is not None and ARGS.label == "float32_cpu":
+    ARGS.label = f"float32_{ARGS.only.replace('-', '_')}_cpu"  # a section alone: its own files
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

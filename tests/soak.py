@@ -34,7 +34,7 @@ REPEATS = 3
 
 
 def _groups(quick: bool) -> list[tuple[str, str, list]]:
-    """``(dtype, solver, [(function, transform), …])``: what one worker process runs."""
+    """``(dtype, name, [(function, solver, transform), …])``: what one worker process runs."""
     sys.path.insert(0, HERE)
     from programs import CASES
 
@@ -42,10 +42,15 @@ def _groups(quick: bool) -> list[tuple[str, str, list]]:
     for dtype in ("float64",) if quick else ("float64", "float32"):
         for solver in ("dense", "markov", "markov-parallel", "inducing"):
             functions = [f for f, s in CASES if s == solver]
-            calls = [(f, t) for t in TRANSFORMS for f in (functions[:1] if quick else functions)]
+            calls = [(f, solver, t) for t in TRANSFORMS for f in (functions[:1] if quick else functions)]
             if solver == "markov-parallel":
-                calls = [(f, t) for f, t in calls if not (t.endswith("grad") and f in _THROUGH_SCANS)]
+                calls = [(f, s, t) for f, s, t in calls if not (t.endswith("grad") and f in _THROUGH_SCANS)]
             groups.append((dtype, solver, calls))
+    # The reported "markov-parallel" hang came in a process that had run the other solvers first:
+    # every solver's batched programs in one process, twice over.
+    mixed = [("log_marginal_likelihood", s, t) for s in ("dense", "markov", "markov-parallel") for t in ("vmap", "vmap_grad")]
+    if not quick:
+        groups.append(("float64", "every solver in one process", mixed * 2))
     return groups
 
 
@@ -56,7 +61,7 @@ _THROUGH_SCANS = ("index_gradient", "predict", "predict_covariance", "sample_pos
 # ------------------------------------------------------------------------------------ worker
 
 
-def _worker(dtype: str, solver: str, calls: list) -> None:
+def _worker(dtype: str, name: str, calls: list) -> None:
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent's fallback for stacks
@@ -69,7 +74,7 @@ def _worker(dtype: str, solver: str, calls: list) -> None:
 
     single = problem(POINTS, DIM, dtype)
     batch = problem(POINTS, DIM, dtype, BATCH)
-    for function, transform in calls:
+    for function, solver, transform in calls:
         fn = program((function, solver), transform)
         args = batch if transform.startswith("vmap") else single
         for repeat in range(REPEATS):
@@ -103,11 +108,11 @@ def native_stacks(pid: int) -> str:
 class Run:
     """One worker process: its output, collected by a thread, and the time of its last line."""
 
-    def __init__(self, dtype, solver, calls):
-        self.name = f"{solver} {dtype}"
+    def __init__(self, dtype, name, calls):
+        self.name = f"{name} {dtype}"
         env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # default threads
         self.process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps([dtype, solver, calls])],
+            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps([dtype, name, calls])],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -190,3 +190,14 @@ def test_float32_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     assert all(r["square_root"]["finite"] for r in rows)
     assert all(r["square_root"]["meets_targets"] for r in report["span"]["helix n=40"])
     assert report["estimate_summary"]["problems"] == 12
+    assert report["dense_summary"]["problems"] == 12
+    missed = [r for r in report["dense"] if r["dense"]["finite"] and not r["dense"]["meets_targets"]]
+    assert all(r["warned"] for r in missed), missed
+
+
+@pytest.mark.slow
+def test_batched_benchmark_quick_mode_writes_json_and_plot(tmp_path):
+    report = _run_benchmark("batched.py", tmp_path)
+    for entry in report["results"]:
+        assert entry["gradient_relative_difference"]["written out"] < 1e-8
+        assert set(entry["series"]) == {"written out", "LAPACK one at a time", "single problem (LAPACK)", "LAPACK batched"}
