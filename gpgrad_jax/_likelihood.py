@@ -93,7 +93,7 @@ def log_marginal_likelihood(
             and smoother, O(n): scalar indices, a kernel with a state-space form —
             ``CubicSpline``, ``Linear``, ``Constant``, ``Matern12``, ``Matern32``, ``Matern52``,
             ``SHO``, ``Cosine``, their sums, products of the stationary ones, ``c * k`` and kernels
-            registered with [``gpgrad_jax.state_space``][gpgrad_jax.state_space] — and ``Isotropic``
+            registered with ``gpgrad_jax.state_space`` — and ``Isotropic``
             or ``PerPoint`` noise), ``"markov-parallel"`` (the same by associative scans,
             O(log n) depth, for GPUs) or ``"auto"``: a Markov solver where it applies and
             ``n ≥ 32``, the parallel one on GPU, else dense.
