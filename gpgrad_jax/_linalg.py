@@ -394,10 +394,34 @@ def _lapack_eigen(c):
     return tuple(jnp.linalg.eigh(c))
 
 
-symmetric_eigen = _batch_safe(_lapack_eigen, _small_eigen, written_width=8)
-symmetric_eigen.__doc__ = """``(λ, V)`` with ``C = V diag(λ) Vᵀ`` for symmetric positive
-semi-definite ``(..., n, n)`` matrices (in no particular order). No derivative rule: see
-``psd_sqrt``."""
+_eigen = _batch_safe(_lapack_eigen, _small_eigen, written_width=8)
+
+
+@jax.custom_jvp
+def symmetric_eigen(c):
+    """``(λ, V)`` with ``C = V diag(λ) Vᵀ`` for symmetric positive semi-definite ``(..., n, n)``
+    matrices (in no particular order).
+
+    Its derivative is the textbook one, ``λ̇ = diag(VᵀĊV)``, ``V̇ = V (F ⊙ VᵀĊV)`` with
+    ``F_ij = 1/(λ_j − λ_i)``, except that ``F_ij = 0`` between eigenvalues equal to rounding: the
+    eigenvectors of a repeated eigenvalue are any basis of its space, and what the callers build
+    from them (``psd_sqrt`` and its derivative) does not depend on the basis. Without this rule a
+    second derivative through ``psd_sqrt`` would differentiate the ``custom_vmap`` of the batch
+    rule, which JAX's rule for that nests without end.
+    """
+    return _eigen(c)
+
+
+@symmetric_eigen.defjvp
+def _symmetric_eigen_jvp(primals, tangents):
+    (c,), (c_dot,) = primals, tangents
+    eigenvalues, vectors = symmetric_eigen(c)
+    rotated = _t(vectors) @ (0.5 * (c_dot + _t(c_dot))) @ vectors
+    gap = eigenvalues[..., None, :] - eigenvalues[..., :, None]
+    scale = jnp.max(jnp.abs(eigenvalues), axis=-1, keepdims=True)[..., None]
+    distinct = jnp.abs(gap) > 100 * c.shape[-1] * jnp.finfo(c.dtype).eps * scale
+    inverse_gap = jnp.where(distinct, 1.0 / jnp.where(distinct, gap, 1.0), 0.0)
+    return (eigenvalues, vectors), (jnp.diagonal(rotated, axis1=-2, axis2=-1), vectors @ (inverse_gap * rotated))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
