@@ -13,7 +13,7 @@ the square-root form — the reference, equal to the dense solver to 1e-9
 (``tests/test_markov.py``). For each: the value's relative error, the gradient's in ``x``
 (relative norm, and the worst element over the largest), and the rounding estimate
 ``eps · max spread`` on which the ``ConditioningWarning`` fires (above its level in
-``PRECISION_WARNING_LEVELS``). The targets: gradient ≤ 1e-3, worst element ≤ 1e-2, value ≤ 1e-4.
+``gg.solvers.rounding_estimate``). The targets: gradient ≤ 1e-3, worst element ≤ 1e-2, value ≤ 1e-4.
 
 Series:
 
@@ -29,7 +29,7 @@ Series:
 * ``dense``: random problems for the dense solver (curve, Matérn 1/2 and 3/2, squared-exponential
   kernels; 20–200 points, D = 1 or 3, isotropic or rank-2 noise; spans 1–300, noise 0.003–0.3):
   the gradient's and the precision form's errors in float32 against ``eps · cond(U)``, the
-  estimate its ``ConditioningWarning`` fires on (``PRECISION_WARNING_LEVELS["dense"]``).
+  estimate its ``ConditioningWarning`` fires on (``gg.solvers.rounding_estimate(..., solver="dense")``).
 """
 
 from __future__ import annotations
@@ -59,13 +59,16 @@ import numpy as np  # noqa: E402
 
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
-from gpgrad_jax._dense import _factor  # noqa: E402
-from gpgrad_jax._likelihood import prepare  # noqa: E402
-from gpgrad_jax._markov import MarkovSolver, _forward  # noqa: E402
-from gpgrad_jax._validation import PRECISION_WARNING_LEVELS  # noqa: E402
 
-PRECISION_WARNING_LEVEL = PRECISION_WARNING_LEVELS["state-space"]
-DENSE_WARNING_LEVEL = PRECISION_WARNING_LEVELS["dense"]
+
+def _warning_level(solver):
+    """The level above which ``solver`` warns in float32 (``gg.solvers.rounding_estimate``'s second part)."""
+    x = jnp.linspace(0.0, 1.0, 4, dtype=jnp.float32)
+    return float(gg.solvers.rounding_estimate(kernels.CubicSpline(1.0), x, x, noise.Isotropic(1.0), solver=solver)[1])
+
+
+PRECISION_WARNING_LEVEL = _warning_level(gg.solvers.Markov(form="square-root"))
+DENSE_WARNING_LEVEL = _warning_level("dense")
 
 TARGETS = {"gradient": 1e-3, "worst": 1e-2, "value": 1e-4}
 CURVE = kernels.CubicSpline(1.0) + kernels.Linear(1.0) + kernels.Constant(1.0)
@@ -117,15 +120,14 @@ def _as(dtype, kernel, x, y, blocks):
 
 @functools.cache
 def _programs(parallel, square_root):
-    solver = MarkovSolver(parallel, square_root)
+    solver = gg.solvers.Markov(form="square-root" if square_root else "covariance", parallel=parallel)
+    estimator = gg.solvers.Markov(form="square-root", parallel=parallel)
 
     def value(kernel, x, y, nz):
-        return solver.log_marginal_likelihood(*prepare(kernel, x, y, nz, None))
+        return gg.precision_form_log_likelihood(kernel, x, y, nz, solver=solver)
 
     def estimate(kernel, x, y, nz):  # eps · max spread, as the warning computes it
-        kernel, nz, x, r = prepare(kernel, x, y, nz, None)
-        spread = _forward(parallel, True, kernel, nz, x, r)[1][1].spread
-        return jnp.finfo(r.dtype).eps * jnp.max(spread)
+        return gg.solvers.rounding_estimate(kernel, x, y, nz, solver=estimator)[0]
 
     return jax.jit(jax.value_and_grad(value, argnums=1)), jax.jit(estimate)
 
@@ -200,9 +202,8 @@ def _dense_programs():
     def value(kernel, x, y, nz):  # the precision form: its noise term's rank is not in question
         return gg.precision_form_log_likelihood(kernel, x, y, nz, solver="dense")
 
-    def estimate(kernel, x, y, nz):
-        kernel, nz, x, r = prepare(kernel, x, y, nz, None)
-        return jnp.finfo(r.dtype).eps * _factor(kernel, nz, x, r, False)[2]
+    def estimate(kernel, x, y, nz):  # eps · cond(U), as the warning computes it
+        return gg.solvers.rounding_estimate(kernel, x, y, nz, solver="dense")[0]
 
     return jax.jit(jax.value_and_grad(value, argnums=1)), jax.jit(estimate)
 

@@ -18,7 +18,7 @@ process as in ``benchmarks/run.py`` (whose helpers this script uses):
   compiling the associative scans is slow on XLA:CPU, 10–25 s).
 * ``forms``: the square-root form against the covariance form, value and ``value_and_grad`` in
   ``x``, float32 and float64, on the curve above at n = 10³ … 10⁶ (each form forced through
-  ``MarkovSolver(parallel, square_root)``; by default float32 runs the square-root form,
+  ``gg.solvers.Markov(form=..., parallel=...)``; by default float32 runs the square-root form,
   float64 the covariance form).
 * ``draws``: ``sample_posterior`` (4 draws, n_new = n new indices, ``solver="markov"``) for
   Matérn 3/2 in 1-D and the 3-D curve, n = 10³ … 10⁶, and the dense solver's draws where they fit.
@@ -56,8 +56,6 @@ import numpy as np  # noqa: E402
 
 import gpgrad_jax as gg  # noqa: E402
 from gpgrad_jax import kernels, noise  # noqa: E402
-from gpgrad_jax._likelihood import prepare  # noqa: E402
-from gpgrad_jax._markov import MarkovSolver  # noqa: E402
 
 
 def _solver(fn, solver):
@@ -154,10 +152,10 @@ def parallel_check(n):
 
 
 def _forced_form(square_root):
-    solver = MarkovSolver(False, square_root)
+    solver = gg.solvers.Markov(form="square-root" if square_root else "covariance")
 
     def value(kernel, x, y, nz):
-        return solver.log_marginal_likelihood(*prepare(kernel, x, y, nz, None))
+        return gg.precision_form_log_likelihood(kernel, x, y, nz, solver=solver)
 
     return value
 

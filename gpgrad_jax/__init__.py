@@ -5,17 +5,18 @@ Examples:
     >>> from gpgrad_jax import kernels, noise
 """
 
-from gpgrad_jax import kernels, noise, reference, state_space
-from gpgrad_jax._inducing import inducing_bound
+from gpgrad_jax import kernels, noise, reference, solvers, state_space
+from gpgrad_jax._arguments import value_checks
+from gpgrad_jax._errors import ConditioningWarning, FactorizationError, NumericalError
 from gpgrad_jax._likelihood import (
     index_gradient,
     index_hessian,
+    inducing_bound,
     log_marginal_likelihood,
     precision_form_log_likelihood,
 )
 from gpgrad_jax._parameters import constrain, unconstrain
 from gpgrad_jax._predict import predict, sample_posterior
-from gpgrad_jax._validation import ConditioningWarning, FactorizationError, NumericalError, value_checks
 
 __version__ = "0.6.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "predict",
     "reference",
     "sample_posterior",
+    "solvers",
     "state_space",
     "unconstrain",
     "value_checks",

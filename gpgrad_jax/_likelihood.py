@@ -9,30 +9,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from gpgrad_jax import solvers
+from gpgrad_jax._arguments import prepare
+from gpgrad_jax._diagnostics import check_finite_output
 from gpgrad_jax._kernels import Kernel
 from gpgrad_jax._noise import Noise
-from gpgrad_jax._solvers import call_solver, resolve
-from gpgrad_jax._validation import check_finite_output, check_problem, poison
+from gpgrad_jax._solver.base import call
 
 Array = Any
-
-
-def prepare(kernel, x, y, noise, mean):
-    """Validated ``(kernel, noise, x, r)`` in one floating dtype, ``r = y − μ`` of shape ``(n, D)``;
-    under a trace, NaN where a value rule fails (``gpgrad_jax._validation.poison``)."""
-    x, y, mean, valid = check_problem(kernel, x, y, noise, mean)
-    kernel, noise, x, r = _in_dtype(kernel, noise, x, y, mean, jnp.result_type(x, y, mean))
-    x, r = poison(valid, x, r)
-    return kernel, noise, x, r
-
-
-# Jitted, as are the solvers and the noise term: an eager call then runs a few compiled programs
-# (one compilation per problem structure) instead of an eager operation per leaf, each compiled
-# for every new shape.
-@functools.partial(jax.jit, static_argnums=5)
-def _in_dtype(kernel, noise, x, y, mean, dtype):
-    cast = lambda leaf: jnp.asarray(leaf, dtype)  # noqa: E731
-    return jax.tree_util.tree_map(cast, kernel), jax.tree_util.tree_map(cast, noise), x.astype(dtype), (y - mean).astype(dtype)
 
 
 def log_marginal_likelihood(
@@ -42,7 +26,7 @@ def log_marginal_likelihood(
     noise: Noise,
     mean: Array | None = None,
     *,
-    solver: str = "auto",
+    solver: str | solvers.Solver = "auto",
 ) -> jax.Array:
     r"""The GP log marginal likelihood: the Gaussian log density of the data, with closed-form gradients.
 
@@ -115,8 +99,8 @@ def log_marginal_likelihood(
         >>> grad_x.shape
         (8,)
     """
-    kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
-    return _precision_form(solver, kernel, noise, x, r) + noise_log_density_correction(noise, *r.shape)
+    problem, _ = prepare(kernel, x, y, noise, mean)
+    return _precision_form(solver, problem) + noise_log_density_correction(problem.noise, *problem.r.shape)
 
 
 def precision_form_log_likelihood(
@@ -126,7 +110,7 @@ def precision_form_log_likelihood(
     noise: Noise,
     mean: Array | None = None,
     *,
-    solver: str = "auto",
+    solver: str | solvers.Solver = "auto",
 ) -> jax.Array:
     r"""The precision-form likelihood $L$: the log density of the whitened data $w = S (y - \mu)$.
 
@@ -157,12 +141,18 @@ def precision_form_log_likelihood(
         >>> bool(jnp.allclose(log_p - L, 15 * jnp.log(1 / 0.1)))  # log|det S|, S = I/σ
         True
     """
-    return _precision_form(solver, *prepare(kernel, x, y, noise, mean))
+    return _precision_form(solver, prepare(kernel, x, y, noise, mean)[0])
 
 
-def _precision_form(solver, kernel, noise, x, r):
-    """``L`` on prepared arguments, by the chosen solver's closed-form rule."""
-    value = call_solver(resolve(solver, kernel, noise, x).log_marginal_likelihood, kernel, noise, x, r)
+def _precision_form(solver, problem):
+    """``L`` of a checked problem, by the chosen solver's closed-form rule; a bound is refused."""
+    chosen, prepared = solvers._resolve(solver, problem)
+    if not chosen.exact:
+        raise ValueError(
+            f"solver={chosen!r} gives a lower bound, not the log marginal likelihood: use "
+            "gg.inducing_bound for the bound (and predict / sample_posterior with it for its posterior)"
+        )
+    value = call(chosen.log_likelihood, prepared)
     check_finite_output(value)
     return value
 
@@ -182,7 +172,7 @@ def index_gradient(
     noise: Noise,
     mean: Array | None = None,
     *,
-    solver: str = "auto",
+    solver: str | solvers.Solver = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     r"""[``log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood] and its gradient in ``x``, from the closed form, evaluated explicitly.
 
@@ -209,11 +199,12 @@ def index_gradient(
         >>> grad_x.shape
         (4,)
     """
-    kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
-    value, grad_x = call_solver(resolve(solver, kernel, noise, x).index_gradient, kernel, noise, x, r)
+    problem, _ = prepare(kernel, x, y, noise, mean)
+    chosen, prepared = solvers._resolve(solver, problem)
+    value, grad_x = call(chosen.index_gradient, prepared)
     check_finite_output(value)
     check_finite_output(grad_x)
-    return value + noise_log_density_correction(noise, *r.shape), grad_x
+    return value + noise_log_density_correction(problem.noise, *problem.r.shape), grad_x
 
 
 def index_hessian(
@@ -223,7 +214,7 @@ def index_hessian(
     noise: Noise,
     mean: Array | None = None,
     *,
-    solver: str = "auto",
+    solver: str | solvers.Solver = "auto",
     block_size: int = 32,
 ) -> jax.Array:
     r"""The Hessian of [``log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood] in ``x``, in O(n²) memory.
@@ -285,3 +276,85 @@ def _index_hessian(kernel, x, y, noise, mean, solver, block_size):
     columns = jax.lax.map(column, jnp.eye(size, dtype=x.dtype), batch_size=min(block_size, size))
     hessian = 0.5 * (columns + columns.T)
     return hessian.reshape(*x.shape, *x.shape)
+
+
+def inducing_bound(
+    kernel: Kernel,
+    x: Array,
+    y: Array,
+    noise: Noise,
+    inducing: Array,
+    mean: Array | None = None,
+    *,
+    jitter: float | None = None,
+    points_per_block: int | None = None,
+) -> jax.Array:
+    r"""Titsias' collapsed lower bound on the log marginal likelihood, with ``m`` inducing inputs.
+
+    With $Q = K_{xz} (K_{zz} + \varepsilon I)^{-1} K_{zx}$ and the noise precision
+    $\Lambda = \operatorname{blockdiag}(\Lambda_i)$, $\Lambda_i = B_i^\top B_i$,
+
+    $$
+    F = \log \mathcal{N}\bigl(y \mid \mu,\; Q \otimes I_D + \Lambda^{-1}\bigr)
+      - \tfrac12 \sum_i \operatorname{tr}(\Lambda_i)\,\bigl(k(x_i, x_i) - Q_{ii}\bigr)
+      \;\le\; \log p(y),
+    $$
+
+    computed in precision form (rank-deficient and zero blocks are fine, as in
+    [``log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood], whose noise-only term it
+    adds): a lower bound on the log density for every ``inducing``, equal to it when the inducing
+    inputs are the data's indices (up to the jitter). Maximise it over ``x``, ``inducing``, the
+    kernel and the noise together. O(n m² p²) time and O(n m) memory (``p = 1`` for
+    ``Isotropic`` noise, ``D`` for ``PerPoint``); no ``n × n`` array is formed.
+
+    ``jax.grad`` in any argument uses a hand-derived rule: with $G = \partial F / \partial K_{zx}$
+    and $\bar G_{zz} = \partial F / \partial K_{zz}$,
+
+    $$
+    \frac{\partial F}{\partial x_i} = \sum_j G_{ji}\, \frac{\partial k(x_i, z_j)}{\partial x_i} + \ldots,
+    \qquad
+    \frac{\partial F}{\partial z_j} = \sum_i G_{ji}\, \frac{\partial k(z_j, x_i)}{\partial z_j}
+      + 2 \sum_l (\bar G_{zz})_{jl}\, \frac{\partial k(z_j, z_l)}{\partial z_j},
+    $$
+
+    row sums against the kernel's ``grad_first`` (``docs/math.md``, section 5). Works under
+    ``jit``, ``vmap`` and reverse-over-reverse (``jax.hessian``), in float32 and float64.
+
+    Args:
+        kernel: any [``Kernel``][gpgrad_jax.kernels.Kernel] (built-in or ``@kernels.register``-ed).
+        x: index set, ``(n,)`` or ``(n, d)`` (latent positions of a GPLVM); any order, ties allowed.
+        y: data, ``(n,)`` or ``(n, D)``.
+        noise: [``Isotropic``][gpgrad_jax.noise.Isotropic] or [``PerPoint``][gpgrad_jax.noise.PerPoint].
+        inducing: the inducing inputs $Z$, ``(m,)`` or ``(m, d)`` like ``x``. ``m > n`` works but
+            costs more than the exact likelihood (a warning says so).
+        mean: prior mean, as in [``log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood].
+        jitter: $\varepsilon$ relative to the mean of $k(z_j, z_j)$ (a Python number; default
+            1e-8 in float64 — GPy's, which is absolute — and 1e-4 in float32). The jitter is part
+            of the model, inducing values observed with that small noise, so $F$ stays a lower
+            bound and its gradient includes the jitter's dependence on the kernel; but it lowers
+            the bound where inducing inputs crowd together (``default_jitter`` in
+            ``gpgrad_jax/_solver/inducing.py`` has numbers): in float32, spread them out.
+        points_per_block: points per block of the backward pass (``None``: its per-pair arrays
+            hold about 10⁵ entries, in cache); a memory knob, the result is the same.
+
+    Returns:
+        The scalar bound.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> import gpgrad_jax as gg
+        >>> from gpgrad_jax import kernels, noise
+        >>> x = jnp.linspace(0.0, 5.0, 200)
+        >>> k, nz = kernels.ExpSquared(1.0, 1.0), noise.Isotropic(0.1)
+        >>> F = gg.inducing_bound(k, x, jnp.sin(x), nz, jnp.linspace(0.0, 5.0, 12))
+        >>> bool(F <= gg.log_marginal_likelihood(k, x, jnp.sin(x), nz))
+        True
+        >>> grad_x, grad_z = jax.grad(gg.inducing_bound, argnums=(1, 4))(k, x, jnp.sin(x), nz, jnp.linspace(0.0, 5.0, 12))
+        >>> grad_x.shape, grad_z.shape
+        ((200,), (12,))
+    """
+    problem, _ = prepare(kernel, x, y, noise, mean)
+    bound = solvers.Inducing(inducing, jitter, points_per_block)
+    value = call(bound.log_likelihood, bound.prepare(problem))
+    check_finite_output(value)
+    return value + noise_log_density_correction(problem.noise, *problem.r.shape)

@@ -9,15 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpgrad_jax import _inducing as inducing_posterior
+from gpgrad_jax import solvers
+from gpgrad_jax._arguments import (
+    all_hold,
+    as_float_array,
+    check_finite,
+    check_rule,
+    index_domain_rules,
+    poison,
+    prepare,
+)
 from gpgrad_jax._kernels import Kernel
-from gpgrad_jax._likelihood import prepare
 from gpgrad_jax._linalg import psd_sqrt
-from gpgrad_jax._markov import MarkovSolver
 from gpgrad_jax._noise import BlockDiagonal, Noise, log_pseudo_determinants
 from gpgrad_jax._smallmatrix import solve
-from gpgrad_jax._solvers import call_solver, resolve
-from gpgrad_jax._validation import _all_hold, _as_float_array, _check_rule, _kernel_names, check_finite, poison
+from gpgrad_jax._solver.base import Solver, call
 
 Array = Any
 
@@ -31,7 +37,7 @@ def predict(
     mean: Array | None = None,
     mean_new: Array | None = None,
     *,
-    solver: str = "auto",
+    solver: str | solvers.Solver = "auto",
     full_covariance: bool = False,
     noise_new: Noise | None = None,
     inducing: Array | None = None,
@@ -103,38 +109,41 @@ def predict(
         >>> cov.shape
         (2, 3, 2, 3)
     """
-    if inducing is not None:
-        _check_inducing_options(solver, full_covariance=full_covariance)
-    kernel, noise, x, r, x_new, mean_new, out_shape = _prepare_new(kernel, x, y, noise, x_new, mean, mean_new)
+    problem, y_shape = prepare(kernel, x, y, noise, mean)
+    x_new, mean_new, out_shape = _prepare_new(problem, y_shape, x_new, mean_new)
+    chosen, prepared = _posterior_solver(solver, inducing, jitter, problem, out_shape[0])
     if noise_new is not None:
-        noise_new = _check_noise_new(noise_new, out_shape[0], r.shape[1], x.dtype)
-    if inducing is not None:
-        z, jitter = inducing_posterior.check_inducing(kernel, noise, x, inducing, jitter)
-        padded = _pad(x_new, _bucket(out_shape[0]), x.dtype)
-        offset, variance = inducing_posterior.predict(kernel, noise, x, z, r, padded, jitter)
-        return _finish_marginals(out_shape, mean_new, offset, variance, noise_new)
-    if not full_covariance:
-        # Padded to a power of two (with copies of a new point): a new n_new reuses the solver's
-        # compiled program instead of compiling its own, which costs far more than the padding.
-        padded = _pad(x_new, _bucket(out_shape[0]), x.dtype)
-        chosen = resolve(solver, kernel, noise, x, out_shape[0])
-        offset, variance = call_solver(chosen.predict, kernel, noise, x, r, padded)
-        return _finish_marginals(out_shape, mean_new, offset, variance, noise_new)
-    resolve(solver, kernel, noise, x)  # the solver's name and applicability are still checked
-    return _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new, "the full covariance")
+        noise_new = _check_noise_new(noise_new, out_shape[0], problem.r.shape[1], problem.x.dtype)
+    dtype = problem.x.dtype
+    if full_covariance:
+        _check_memory(problem, out_shape[0], "the full covariance")
+        x_new = _pad(x_new, out_shape[0], dtype)  # only the cast: an (n_new·D)² result gains nothing from buckets
+        offset, covariance = call(chosen.predict_covariance, prepared, x_new)
+        return _finish_covariance(out_shape, mean_new, offset, covariance, noise_new)
+    # Padded to a power of two (with copies of a new point): a new n_new reuses the solver's
+    # compiled program instead of compiling its own, which costs far more than the padding.
+    padded = _pad(x_new, _bucket(out_shape[0]), dtype)
+    offset, variance = call(chosen.predict, prepared, padded)
+    return _finish_marginals(out_shape, mean_new, offset, variance, noise_new)
+
+
+def _posterior_solver(solver, inducing, jitter, problem, n_new):
+    """``(solver, prepared)`` for ``predict`` and ``sample_posterior``: the inducing-point
+    posterior with ``inducing``, else ``solver=`` as the likelihood functions take it."""
+    if inducing is None:
+        return solvers._resolve(solver, problem, n_new)
+    if not (isinstance(solver, str) and solver == "auto"):
+        raise ValueError(
+            f"`solver`: with `inducing` the variational posterior of the inducing-point bound is used "
+            f"(the same as solver=gg.solvers.Inducing(inducing)); leave solver='auto', got {solver!r}"
+        )
+    chosen = solvers.Inducing(inducing, jitter)
+    return chosen, chosen.prepare(problem)
 
 
 #: The dense posterior covariance at ``x_new`` and what is formed with it (its symmetric root for
 #: draws: eigenvectors, the root, temporaries) take about this many arrays of ``(n_new D)²``.
 _COVARIANCE_COPIES = 5
-
-
-def _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new, what):
-    """Posterior mean and full covariance at ``x_new`` by the dense formula (prepared arguments)."""
-    _check_memory(x.shape[0] * r.shape[1], out_shape[0] * r.shape[1], x.dtype, what)
-    x_new = _pad(x_new, out_shape[0], x.dtype)  # only the cast: an (n_new·D)² result gains nothing from buckets
-    offset, covariance = call_solver(resolve("dense", kernel, noise, x).predict_covariance, kernel, noise, x, r, x_new)
-    return _finish_covariance(out_shape, mean_new, offset, covariance, noise_new)
 
 
 # The steps around the solver call, each one compiled program per shape: done eagerly, their
@@ -185,7 +194,7 @@ def sample_posterior(
     mean: Array | None = None,
     mean_new: Array | None = None,
     *,
-    solver: str = "auto",
+    solver: str | solvers.Solver = "auto",
     noise_new: Noise | None = None,
     inducing: Array | None = None,
     jitter: float | None = None,
@@ -245,25 +254,19 @@ def sample_posterior(
     """
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}")
-    if inducing is not None:
-        _check_inducing_options(solver)
-    kernel, noise, x, r, x_new, mean_new, out_shape = _prepare_new(kernel, x, y, noise, x_new, mean, mean_new)
-    n_new, dim = out_shape[0], r.shape[1]
+    problem, y_shape = prepare(kernel, x, y, noise, mean)
+    x_new, mean_new, out_shape = _prepare_new(problem, y_shape, x_new, mean_new)
+    n_new = out_shape[0]
+    chosen, prepared = _posterior_solver(solver, inducing, jitter, problem, n_new)
     if noise_new is not None:
-        noise_new = _check_noise_new(noise_new, n_new, dim, x.dtype)
-    if inducing is not None:
-        z, jitter = inducing_posterior.check_inducing(kernel, noise, x, inducing, jitter)
-        latent_key, noise_key = jax.random.split(key)
-        padded = _pad(x_new, _bucket(n_new), x.dtype)
-        draws = inducing_posterior.sample(latent_key, kernel, noise, x, z, r, jitter, padded, num_samples)
-        return _finish_draws(out_shape, noise_key, mean_new, draws, noise_new)
-    chosen = resolve(solver, kernel, noise, x, n_new)
-    if not isinstance(chosen, MarkovSolver):
-        mean_new, covariance = _full_covariance(kernel, noise, x, r, x_new, mean_new, out_shape, noise_new, "dense draws")
-        return _draw(key, num_samples, mean_new, covariance)
+        noise_new = _check_noise_new(noise_new, n_new, problem.r.shape[1], problem.x.dtype)
     latent_key, noise_key = jax.random.split(key)
-    padded = _pad(x_new, _bucket(n_new), x.dtype)  # as in predict: one compiled program per bucket
-    draws = call_solver(chosen.sample, latent_key, kernel, noise, x, r, padded, num_samples)
+    if type(chosen).sample is Solver.sample:  # draws from the dense covariance: O((n_new D)²)
+        _check_memory(problem, n_new, f"draws with solver {chosen.name!r}")
+        new = _pad(x_new, n_new, problem.x.dtype)  # only the cast
+    else:  # the solver's own draws, O(n_new): as in predict, one compiled program per bucket
+        new = _pad(x_new, _bucket(n_new), problem.x.dtype)
+    draws = call(chosen.sample, latent_key, prepared, new, num_samples)
     return _finish_draws(out_shape, noise_key, mean_new, draws, noise_new)
 
 
@@ -292,27 +295,6 @@ def _noise_draws(key, noise_new, num_samples, n_new, dim):
     return (standard @ root).reshape(num_samples, n_new, dim)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _draw(key, num_samples, mean, covariance):
-    size = mean.size
-    root = psd_sqrt(covariance.reshape(size, size))  # symmetric
-    standard = jax.random.normal(key, (num_samples, size), mean.dtype)
-    return mean + (standard @ root).reshape(num_samples, *mean.shape)
-
-
-def _check_inducing_options(solver, full_covariance=False):
-    if solver != "auto":
-        raise ValueError(
-            f"`solver`: with `inducing` the variational posterior of the inducing-point bound is used; "
-            f"leave solver='auto', got {solver!r}"
-        )
-    if full_covariance:
-        raise ValueError(
-            "`full_covariance=True` is not available with `inducing` (it would be n_new × n_new): "
-            "use the marginal variances, or sample_posterior(..., inducing=...) for draws"
-        )
-
-
 def _available_bytes() -> int | None:
     """Free memory of the default device (its allocator's limit less what is in use), or of the
     host (``MemAvailable``) for a CPU; ``None`` where neither says."""
@@ -332,10 +314,12 @@ def _available_bytes() -> int | None:
     return None
 
 
-def _check_memory(size: int, size_new: int, dtype, what: str) -> None:
-    """Raise ``ValueError`` before a dense posterior covariance of ``size_new`` rows (on ``size``
-    data rows) is formed that cannot fit in memory: the process would otherwise die allocating it."""
-    itemsize = np.dtype(dtype).itemsize
+def _check_memory(problem, n_new: int, what: str) -> None:
+    """Raise ``ValueError`` before a dense posterior covariance at ``n_new`` new points is formed
+    that cannot fit in memory: the process would otherwise die allocating it."""
+    dim = problem.r.shape[1]
+    size, size_new = problem.x.shape[0] * dim, n_new * dim
+    itemsize = np.dtype(problem.x.dtype).itemsize
     needed = (_COVARIANCE_COPIES * size_new**2 + 3 * size**2 + 2 * size * size_new) * itemsize
     available = _available_bytes()
     if available is not None and needed > available:
@@ -351,29 +335,24 @@ def _bucket(n: int) -> int:
     return max(8, 1 << (n - 1).bit_length())
 
 
-def _prepare_new(kernel, x, y, noise, x_new, mean, mean_new):
-    """Validated arguments, ``x_new`` in the data's dtype, ``mean_new`` as ``(n_new, D)`` and the
-    output shape ``(n_new,)`` or ``(n_new, D)``."""
-    y_shape = _as_float_array("y", y).shape
-    kernel, noise, x, r = prepare(kernel, x, y, noise, mean)
-    x_new = _as_float_array("x_new", x_new)
+def _prepare_new(problem, y_shape, x_new, mean_new):
+    """``(x_new, mean_new, output shape)``: the new indices and their prior mean checked against a
+    checked problem (``y_shape``: the data's shape as given), the output ``(n_new,)`` or ``(n_new, D)``."""
+    kernel, x = problem.kernel, problem.x
+    x_new = as_float_array("x_new", x_new)
     if x_new.ndim != x.ndim or x_new.shape[1:] != x.shape[1:] or x_new.shape[0] < 1:
         raise ValueError(
             f"`x_new` must have shape (n_new,) + {x.shape[1:]} like `x` with n_new >= 1, got shape {x_new.shape}"
         )
-    verdicts = [check_finite("x_new", x_new)]
-    anchored = _kernel_names(kernel, "nonnegative_index")
-    if anchored:
-        requirement = f">= 0 for the {anchored} kernel (indices are positions along the curve from its start)"
-        verdicts.append(_check_rule("x_new", x_new, lambda a: a >= 0, requirement))
-    (x_new,) = poison(_all_hold(verdicts), x_new)
+    verdicts = [check_finite("x_new", x_new)] + [check_rule(*rule) for rule in index_domain_rules(kernel, "x_new", x_new)]
+    (x_new,) = poison(all_hold(verdicts), x_new)
     out_shape = (x_new.shape[0], *tuple(y_shape[1:]))
     if mean_new is not None:
-        mean_new = _as_float_array("mean_new", mean_new)
+        mean_new = as_float_array("mean_new", mean_new)
         if mean_new.shape not in ((), out_shape):
             raise ValueError(f"`mean_new` must be a scalar or have shape {out_shape}, got shape {mean_new.shape}")
         (mean_new,) = poison(check_finite("mean_new", mean_new), mean_new)
-    return kernel, noise, x, r, x_new, mean_new, out_shape
+    return x_new, mean_new, out_shape
 
 
 def _check_noise_new(noise_new, n_new, dim, dtype):
@@ -381,8 +360,8 @@ def _check_noise_new(noise_new, n_new, dim, dtype):
     if not isinstance(noise_new, Noise):
         raise TypeError(f"`noise_new` must be a gpgrad_jax.noise.Noise, got {type(noise_new).__name__}")
     noise_new.check_shapes(n_new, dim)
-    verdicts = [_check_rule(f"noise_new.{name}", value, lambda a: a > 0, "> 0") for name, value in noise_new.positive_parameters().items()]
-    valid = _all_hold(verdicts)
+    verdicts = [check_rule(f"noise_new.{name}", value, lambda a: a > 0, "> 0") for name, value in noise_new.positive_parameters().items()]
+    valid = all_hold(verdicts)
     noise_new = jax.tree_util.tree_map(lambda leaf: poison(valid, jnp.asarray(leaf, dtype))[0], noise_new)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(noise_new)):
         return noise_new  # values unknown under a trace

@@ -47,8 +47,10 @@ def _as_dtype(tree, dtype):
 def kernels(index_dim: int | None = None, *, markov: bool = False, dtype=None):
     """Built-in kernels with parameters in well-conditioned ranges, elementary and composed.
 
-    ``index_dim``: ``None`` for scalar indices (the curve kernels are included), or ``d`` (ARD
-    lengthscales of length ``d`` among them). ``markov=True``: only kernels with a state-space
+    Every built-in kernel: Matérn 1/2, 3/2, 5/2, the squared exponential, and for scalar indices
+    (``index_dim=None``) the curve kernels, SHO (qualities below, at and above ½) and Cosine;
+    sums, ``c * k``, ``k + Constant`` and products of stationary kernels. ``index_dim``: ``None``
+    for scalar indices, or ``d`` (ARD lengthscales of length ``d`` among them). ``markov=True``: only kernels with a state-space
     form (what ``solver="markov"`` accepts). Parameters are arrays of ``dtype`` (default: JAX's
     default float).
     """
@@ -56,11 +58,18 @@ def kernels(index_dim: int | None = None, *, markov: bool = False, dtype=None):
     if index_dim is not None and not markov:
         lengthscale = st.one_of(lengthscale, hnp.arrays(np.float64, (index_dim,), elements=lengthscale))
     stationary = [
+        st.builds(kernel_classes.Matern12, variance, lengthscale),
         st.builds(kernel_classes.Matern32, variance, lengthscale),
         st.builds(kernel_classes.Matern52, variance, lengthscale),
     ]
     if not markov:
         stationary.append(st.builds(kernel_classes.ExpSquared, variance, lengthscale))
+    if index_dim is None:  # the time-series kernels take scalar indices
+        quality = st.one_of(_floats(min_value=0.2, max_value=0.45), st.just(0.5), _floats(min_value=0.6, max_value=5.0))
+        stationary += [
+            st.builds(kernel_classes.SHO, variance, _floats(min_value=0.5, max_value=3.0), quality),
+            st.builds(kernel_classes.Cosine, variance, _floats(min_value=0.8, max_value=3.0)),
+        ]
     elementary = list(stationary)
     if index_dim is None:
         elementary += [st.builds(kernel_classes.CubicSpline, variance), st.builds(kernel_classes.Linear, variance)]
@@ -69,9 +78,9 @@ def kernels(index_dim: int | None = None, *, markov: bool = False, dtype=None):
         st.builds(lambda a, b: a + b, leaf, leaf),
         st.builds(lambda c, k: c * k, variance, leaf),
         st.builds(lambda k, c: k + kernel_classes.Constant(c), leaf, variance),
+        # Products of stationary kernels (Markov too: product blocks); the curve kernels' are not.
+        st.builds(lambda a, b: a * b, st.one_of(stationary), st.one_of(stationary)),
     ]
-    if not markov:
-        composed.append(st.builds(lambda a, b: a * b, st.one_of(stationary), st.one_of(stationary)))
     return st.one_of(leaf, *composed).map(lambda kernel: _as_dtype(kernel, dtype))
 
 

@@ -10,8 +10,8 @@ import numpy as np
 
 from gpgrad_jax import _kernels as kernel_classes
 from gpgrad_jax import _noise as noise_classes
+from gpgrad_jax._arguments import as_float_array, check_registered
 from gpgrad_jax._likelihood import precision_form_log_likelihood
-from gpgrad_jax._validation import _as_float_array, check_registered
 from gpgrad_jax.reference import precision_form_log_likelihood as reference_log_likelihood
 
 Array = Any
@@ -57,7 +57,7 @@ def check_kernel(kernel: kernel_classes.Kernel, x: Array, *, rtol: float | None 
     if not isinstance(kernel, kernel_classes.Kernel):
         raise TypeError(f"`kernel` must be a gpgrad_jax.kernels.Kernel, got {type(kernel).__name__}")
     check_registered(kernel)
-    x = _as_float_array("x", x)
+    x = as_float_array("x", x)
     if x.ndim not in (1, 2) or x.shape[0] < 1:
         raise ValueError(f"`x` must have shape (n,) or (n, d) with n >= 1, got shape {x.shape}")
     kernel = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf, x.dtype), kernel)

@@ -316,3 +316,54 @@ def check_against_dense(solver: str, problem: Problem, rtol: float) -> None:
     for name, grad, ref in zip(("kernel", "x", "y", "noise", "mean"), grads, ref_grads):
         assert_trees_close(grad, ref, rtol, f"{solver} d/d{name}")
     assert_trees_close(explicit, (ref_value, ref_grads[1]), rtol, f"{solver} index_gradient")
+
+
+# ------------------------------------------------------------ every solver
+
+# Every state-space kernel, one table: the contract tests run each solver over all of them.
+STATE_SPACE_KERNELS = {**MARKOV_KERNELS, **TIME_SERIES_KERNELS}
+
+
+def state_space_problem(kernel_name: str, noise_kind: str, seed: int, dim: int | str = BY_STRUCTURE) -> Problem:
+    """A problem for ``STATE_SPACE_KERNELS[kernel_name]``: the time-series kernels (kinks at ties)
+    on 7 points with two ties, the others on 6 with one."""
+    if kernel_name in TIME_SERIES_KERNELS:
+        return make_markov_problem(kernel_name, noise_kind, seed, dim, n=7, kernel_table=TIME_SERIES_KERNELS, ties=2)
+    return make_markov_problem(kernel_name, noise_kind, seed, dim)
+
+
+def _solvers():
+    import gpgrad_jax as gg
+
+    markov = gg.solvers.Markov
+    return {
+        "dense": gg.solvers.Dense(),
+        "markov": markov(),  # the form by the dtype: covariance in float64, square root below
+        "markov-square-root": markov(form="square-root"),  # the float32 form, checked in float64 too
+        "markov-parallel": markov(parallel=True),
+        "markov-parallel-square-root": markov(form="square-root", parallel=True),
+    }
+
+
+#: Every solver the contract tests drive, by name (as diffrax's ``all_ode_solvers``): the options
+#: of ``gg.solvers.Markov`` that change the computation. (``form="covariance"`` is ``"markov"``
+#: in float64; in float32 it is the form the docs advise against.) A solver added to the library
+#: is added here.
+SOLVERS = _solvers()
+
+#: The associative scans compile for 5–20 s per structure on the CPU: full profile only.
+SLOW_SOLVERS = ("markov-parallel", "markov-parallel-square-root")
+
+
+def solver_params(names=None, fast=("dense", "markov"), float32=("dense", "markov")):
+    """``pytest.param``s of ``SOLVERS`` (all, or ``names``): those not in ``fast`` in the full
+    profile only; those in ``float32`` also in the fast profile's float32 pass."""
+    import pytest
+
+    params = []
+    for name in SOLVERS if names is None else names:
+        marks = [] if name in fast else [pytest.mark.slow]
+        if name in float32:
+            marks.append(pytest.mark.float32)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params

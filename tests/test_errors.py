@@ -16,7 +16,7 @@ from jax.experimental import checkify
 from problems import assert_trees_close
 
 import gpgrad_jax as gg
-from gpgrad_jax import _validation, kernels, noise
+from gpgrad_jax import kernels, noise, testing
 
 N = 5
 CURVE = kernels.CubicSpline(1.0) + kernels.Linear(0.5) + kernels.Constant(1.0)
@@ -212,7 +212,7 @@ def test_ill_conditioned_but_usable_results_are_returned_with_one_warning():
     jit returns, close to float64's: a warning (once per solver and precision), not an error."""
     x = jnp.linspace(0.0, 3000.0, 40)
     args = (kernels.CubicSpline(1.0), x.astype(jnp.float32), jnp.sin(x).astype(jnp.float32), noise.Isotropic(jnp.float32(0.01)))
-    _validation._WARNED_CONDITIONING.discard("dense float32")
+    testing.reset_warnings()
     with pytest.warns(gg.ConditioningWarning, match=r"float32 resolves this dense problem.*condition number of about"):
         eager = gg.precision_form_log_likelihood(*args, solver="dense")
     with warnings.catch_warnings():
@@ -246,12 +246,12 @@ def test_dense_float32_gradient_is_right_or_warned_eagerly_and_under_jit():
         return jax.grad(gg.log_marginal_likelihood, argnums=1)(CURVE, x, y, noise.PerPoint(blocks), solver="dense")
 
     for run, batched in ((gradient, False), (jax.jit(gradient), False), (jax.jit(jax.vmap(gradient)), True)):
-        _validation._WARNED_CONDITIONING.discard("dense float32")
+        testing.reset_warnings()
         args = (x[None], y[None], blocks[None]) if batched else (x, y, blocks)
         with pytest.warns(gg.ConditioningWarning, match=r"dense problem.*condition number of about \d\.\de\+0[6-8]"):
             jax.block_until_ready(run(*args))
             jax.effects_barrier()
-    _validation._WARNED_CONDITIONING.discard("dense float32")
+    testing.reset_warnings()
     with warnings.catch_warnings():
         warnings.simplefilter("error", gg.ConditioningWarning)
         quiet = noise.Isotropic(jnp.float32(0.3))
@@ -288,7 +288,7 @@ def test_dense_predictions_that_cannot_fit_in_memory_say_so_first():
     x_new = jnp.linspace(0.0, 10.0, 100_000)
     draws = gg.sample_posterior(jax.random.key(0), kernels.Matern32(1.0, 3.0), x, y, noise.Isotropic(0.1), x_new, 1)
     assert draws.shape == (1, 100_000) and np.all(np.isfinite(draws))
-    with pytest.raises(ValueError, match=r"dense draws at 100000 new rows .* GiB, more than the .* GiB free.*state-space form"):
+    with pytest.raises(ValueError, match=r"draws with solver .dense. at 100000 new rows .* GiB, more than the .* GiB free.*state-space form"):
         gg.sample_posterior(jax.random.key(0), kernels.ExpSquared(1.0, 3.0), x, y, noise.Isotropic(0.1), x_new, 1)
     with pytest.raises(ValueError, match="the full covariance at 100000 new rows"):
         gg.predict(kernels.ExpSquared(1.0, 3.0), x, y, noise.Isotropic(0.1), x_new, full_covariance=True)

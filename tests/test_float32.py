@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import gpgrad_jax as gg
-from gpgrad_jax import _validation, kernels, noise
+from gpgrad_jax import kernels, noise, testing
 
 CURVE = kernels.CubicSpline(1.0) + kernels.Linear(1.0) + kernels.Constant(1.0)
 
@@ -74,7 +74,7 @@ def _value_and_grad(solver):
 def float32_errors(problem, solver):
     """``(value, gradient norm, worst entry)`` relative errors of float32, and whether it warned."""
     fn = _value_and_grad(solver)
-    _validation._WARNED_CONDITIONING.discard("state-space float32")
+    testing.reset_warnings()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         v32, g32 = jax.block_until_ready(fn(*_as(jnp.float32, *problem)))
@@ -150,7 +150,7 @@ def test_data_spanning_more_than_float32_resolves_warn():
     eagerly and under jit."""
     problem = camera_curve(20_000, 2000.0)
     assert float32_errors(problem, "markov")[3]  # under jit (the run-time check)
-    _validation._WARNED_CONDITIONING.discard("state-space float32")
+    testing.reset_warnings()
     with pytest.warns(
         gg.ConditioningWarning, match=r"float32 resolves this state-space problem to about .* pass a `mean`"
     ):
@@ -165,7 +165,7 @@ def test_a_mean_close_to_the_data_removes_the_warning():
     mean = np.zeros_like(y)
     mean[:, 2] = 0.3 * x
     args = _as(jnp.float32, kernel, x, y, blocks)
-    _validation._WARNED_CONDITIONING.discard("state-space float32")
+    testing.reset_warnings()
     with warnings.catch_warnings():
         warnings.simplefilter("error", gg.ConditioningWarning)
         grad = jax.grad(gg.precision_form_log_likelihood, argnums=1)(*args, jnp.asarray(mean, jnp.float32), solver="markov")

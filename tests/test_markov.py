@@ -12,23 +12,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from problems import (
-    MARKOV_KERNELS,
-    MARKOV_NOISES,
+    STATE_SPACE_KERNELS,
     assert_trees_close,
-    check_against_dense,
     data_dims,
     jaxpr_shapes,
-    kernel_noise_pairs,
     make_markov_problem,
     seeds,
 )
 
 import gpgrad_jax as gg
-from gpgrad_jax import kernels, noise
-from gpgrad_jax._likelihood import prepare
-from gpgrad_jax._markov import MarkovSolver, default_square_root
-from gpgrad_jax._solvers import resolve
-from gpgrad_jax._statespace import Matern, Polynomial, state_space
+from gpgrad_jax import kernels, noise, state_space
 
 ALL_ARGS = (0, 1, 2, 3, 4)  # kernel, x, y, noise, mean
 MARKOV_SOLVERS = ("markov", "markov-parallel")
@@ -39,87 +32,12 @@ def _value_and_grads(solver, *args, of=gg.log_marginal_likelihood):
     return jax.value_and_grad(fn, argnums=ALL_ARGS)(*args)
 
 
-@pytest.mark.float32
-@pytest.mark.parametrize("kernel_name, noise_kind", kernel_noise_pairs(MARKOV_KERNELS, MARKOV_NOISES))
-@given(seed=seeds, dim=data_dims)
-def test_markov_solver_equals_the_dense_solver(kernel_name, noise_kind, seed, dim, rtol):
-    """Value and the cotangent of every input, for unsorted indices with ties and rank-deficient
-    or zero noise blocks: 1e-9 relative in float64."""
-    check_against_dense("markov", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
-
-
-@pytest.mark.slow  # compiling the associative scans takes 5–20 s per shape on CPU
-@pytest.mark.float32
-@pytest.mark.parametrize(
-    "kernel_name, noise_kind, dim",
-    [("scaled_sum", "per_point_rank_deficient", 3), ("curve", "isotropic", 3), ("matern52", "per_point", 1)],
-)
-@settings(max_examples=min(4, settings.default.max_examples))
-@given(seed=seeds)
-def test_parallel_solver_equals_the_dense_solver(kernel_name, noise_kind, dim, seed, rtol):
-    """The associative scans share everything after the filter and smoother with ``"markov"``:
-    a few structures suffice."""
-    check_against_dense("markov-parallel", make_markov_problem(kernel_name, noise_kind, seed, dim), rtol)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _forced_form_against_dense(parallel, square_root, *args):
-    """Both forms in any precision: the solver object itself, on prepared arguments."""
-    solver = MarkovSolver(parallel, square_root)
-
-    def value(kernel, x, y, nz, mean):
-        return solver.log_marginal_likelihood(*prepare(kernel, x, y, nz, mean))
-
-    def explicit(kernel, x, y, nz, mean):
-        return solver.index_gradient(*prepare(kernel, x, y, nz, mean))
-
-    return (
-        jax.value_and_grad(value, argnums=ALL_ARGS)(*args),
-        explicit(*args),
-        _value_and_grads("dense", *args, of=gg.precision_form_log_likelihood),  # the solvers compute L
-    )
-
-
-@pytest.mark.parametrize("kernel_name, noise_kind", kernel_noise_pairs(MARKOV_KERNELS, MARKOV_NOISES, per_kernel=1))
-@given(seed=seeds, dim=data_dims)
-def test_square_root_form_equals_the_dense_solver(kernel_name, noise_kind, seed, dim, x64):
-    """The float32 solver, checked in float64 where the reference is exact: value and every
-    cotangent to 1e-9, unsorted indices with ties, rank-deficient and zero blocks."""
-    if not x64:
-        pytest.skip("the float32 pass runs the square-root form by default (test above)")
-    problem = make_markov_problem(kernel_name, noise_kind, seed, dim)
-    (value, grads), explicit, (ref_value, ref_grads) = _forced_form_against_dense(False, True, *problem.args())
-    assert_trees_close(value, ref_value, 1e-9, "square-root value")
-    for name, grad, ref in zip(("kernel", "x", "y", "noise", "mean"), grads, ref_grads):
-        assert_trees_close(grad, ref, 1e-9, f"square-root d/d{name}")
-    assert_trees_close(explicit, (ref_value, ref_grads[1]), 1e-9, "square-root index_gradient")
-
-
-@pytest.mark.slow  # the associative scans compile for 5–20 s per structure
-@pytest.mark.parametrize(
-    "kernel_name, noise_kind, dim",
-    [
-        ("scaled_sum", "per_point_rank_deficient", 3),
-        ("curve", "isotropic", 3),
-        ("matern52", "per_point", 1),
-        ("linear_constant", "per_point_rank_deficient", 3),
-    ],
-)
-@settings(max_examples=min(3, settings.default.max_examples))
-@given(seed=seeds)
-def test_parallel_square_root_form_equals_the_dense_solver(kernel_name, noise_kind, dim, seed, x64):
-    if not x64:
-        pytest.skip("float64 reference")
-    problem = make_markov_problem(kernel_name, noise_kind, seed, dim)
-    (value, grads), explicit, (ref_value, ref_grads) = _forced_form_against_dense(True, True, *problem.args())
-    assert_trees_close((value, grads), (ref_value, ref_grads), 1e-9, "parallel square root")
-    assert_trees_close(explicit, (ref_value, ref_grads[1]), 1e-9, "parallel square-root index_gradient")
-
-
 def test_the_form_follows_the_dtype():
     """Square roots below float64 (measured: the covariance form is faster on CPUs and exact in
     float64; in float32 it loses the gradient — tests/test_float32.py)."""
-    assert default_square_root(jnp.float32) and not default_square_root(jnp.float64)
+    solver = gg.solvers.Markov()
+    assert solver.scheme(jnp.float32).square_root and not solver.scheme(jnp.float64).square_root
+    assert gg.solvers.Markov(form="covariance").scheme(jnp.float32).square_root is False
 
 
 def _process_noise_reference(component, h):
@@ -128,7 +46,7 @@ def _process_noise_reference(component, h):
     from scipy.integrate import quad
     from scipy.linalg import expm
 
-    if isinstance(component, Polynomial):
+    if hasattr(component, "cubic"):  # the curve block
         c = float(component.cubic)
         return c * np.array([[h**3 / 3, h**2 / 2], [h**2 / 2, h]])
     size, lam = component.size, np.sqrt(component.order) / float(component.lengthscale)
@@ -149,9 +67,12 @@ def _process_noise_reference(component, h):
 @pytest.mark.parametrize(
     "component",
     [
-        pytest.param(Polynomial(1.3, 0.4, 0.7), marks=pytest.mark.slow),
-        pytest.param(Matern(2.0, 0.7, 3), marks=pytest.mark.slow),
-        Matern(0.5, 1.3, 5),  # the hardest: first entry O((λh)⁵)
+        pytest.param(
+            state_space.of(kernels.CubicSpline(1.3) + kernels.Linear(0.4) + kernels.Constant(0.7))[0],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(state_space.of(kernels.Matern32(2.0, 0.7))[0], marks=pytest.mark.slow),
+        state_space.of(kernels.Matern52(0.5, 1.3))[0],  # the hardest: first entry O((λh)⁵)
     ],
     ids=["polynomial", "matern32", "matern52"],
 )
@@ -217,20 +138,26 @@ def test_markov_gradients_match_finite_differences(kernel_name, seed, dim, x64):
         np.testing.assert_allclose(leaf_grad, _central_difference(at, np.asarray(leaves[i])), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("kernel_name", sorted(MARKOV_KERNELS))
+@pytest.mark.parametrize("kernel_name", sorted(STATE_SPACE_KERNELS))
 def test_state_space_forms_reproduce_the_kernels(kernel_name, x64):
-    """``Cov(s(a), s(b)) = P(a) A(b − a)ᵀ``: its (f, f) entry is ``k(a, b)`` and its (f', f) entry
-    ``∂k(a, b)/∂a`` — the SDE matrices against the kernels' own closed forms."""
-    rng = np.random.default_rng(3)
-    kernel = MARKOV_KERNELS[kernel_name](rng)
+    """``Cov(s(a), s(b)) = P(a) A(b − a)ᵀ``: its (f, f) entry is ``k(a, b)``; for blocks with a slope
+    entry, its (f', f) entry is ``∂k(a, b)/∂a`` — the SDE matrices against the kernels' own closed
+    forms, every state-space kernel."""
+    kernel = STATE_SPACE_KERNELS[kernel_name](np.random.default_rng(3))
     a, b = jnp.asarray(0.4), jnp.asarray(1.3)
     value = slope = 0.0
-    for block in state_space(kernel):
+    with_slopes = True
+    for block in state_space.of(kernel):
         cov = block.initial(a) @ block.transition(jnp.atleast_1d(b - a))[0].T
-        value, slope = value + cov[0, 0], slope + cov[1, 0]
+        value = value + cov[0, 0]
+        if block.slope_entry is None:
+            with_slopes = False
+        else:
+            slope = slope + cov[block.slope_entry, 0]
     tol = 1e-12 if x64 else 1e-5
     np.testing.assert_allclose(value, kernel.evaluate(a, b), rtol=tol, atol=tol)
-    np.testing.assert_allclose(slope, kernel.grad_first(a, b), rtol=tol, atol=tol)
+    if with_slopes:
+        np.testing.assert_allclose(slope, kernel.grad_first(a, b), rtol=tol, atol=tol)
 
 
 # The parallel scans take 5 s to compile on CPU: in the fast profile's float32 pass only "markov".
@@ -240,17 +167,6 @@ def test_all_equal_indices_are_exact_not_nan(solver, rtol):
     x = jnp.full_like(x, 0.7)
     got = _value_and_grads(solver, kernel, x, y, nz, mean)
     assert_trees_close(got, _value_and_grads("dense", kernel, x, y, nz, mean), rtol, "all equal")
-
-
-@pytest.mark.float32
-@pytest.mark.parametrize("solver", ["markov", pytest.param("markov-parallel", marks=pytest.mark.slow)])
-def test_predict_equals_the_dense_posterior(solver, rtol):
-    for noise_kind, dim in (("isotropic", 3), ("per_point_rank_deficient", 3), ("per_point", 1)):
-        kernel, x, y, nz, mean = make_markov_problem("scaled_sum", noise_kind, 2, dim).args()
-        x_new = jnp.concatenate([x[:2], x[:3] + 0.37, jnp.array([0.01, 5.0], x.dtype)])
-        got = gg.predict(kernel, x, y, nz, x_new, mean=mean, solver=solver)
-        want = gg.predict(kernel, x, y, nz, x_new, mean=mean, solver="dense")
-        assert_trees_close(got, want, 10 * rtol, f"predict {noise_kind}")
 
 
 def test_vmap_and_jit(x64):
@@ -353,7 +269,7 @@ def test_markov_solver_refuses_what_it_cannot_do(kernel, nz, x, fragment, solver
 
 def test_unknown_solver_name():
     with pytest.raises(
-        ValueError, match="`solver` must be one of 'auto', 'dense', 'markov', 'markov-parallel'; got 'kalman'"
+        ValueError, match=r"`solver` must be one of 'auto', 'dense', 'markov', 'markov-parallel' or a gpgrad_jax\.solvers\.Solver; got 'kalman'"
     ):
         gg.precision_form_log_likelihood(
             kernels.Matern32(1.0, 1.0), jnp.ones(3), jnp.ones(3), noise.Isotropic(1.0), solver="kalman"
@@ -362,6 +278,9 @@ def test_unknown_solver_name():
 
 def test_auto_picks_markov_for_long_curves_and_dense_for_short_ones():
     kernel, nz = kernels.Matern32(1.0, 1.0), noise.Isotropic(0.3)
-    assert resolve("auto", kernel, nz, jnp.ones(1000)).name == "markov"
-    assert resolve("auto", kernel, nz, jnp.ones(4)).name == "dense"
-    assert resolve("auto", kernels.ExpSquared(1.0, 1.0), nz, jnp.ones(1000)).name == "dense"
+    resolve = gg.solvers.resolve
+    assert resolve("auto", kernel, jnp.ones(1000), jnp.ones(1000), nz) == gg.solvers.Markov()
+    assert resolve("auto", kernel, jnp.ones(4), jnp.ones(4), nz) == gg.solvers.Dense()
+    assert resolve("auto", kernels.ExpSquared(1.0, 1.0), jnp.ones(1000), jnp.ones(1000), nz) == gg.solvers.Dense()
+    # New indices count: 10 observations, 10⁵ new points.
+    assert resolve("auto", kernel, jnp.ones(10), jnp.ones(10), nz, n_new=100_000) == gg.solvers.Markov()

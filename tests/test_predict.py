@@ -19,8 +19,6 @@ from problems import (
 
 import gpgrad_jax as gg
 from gpgrad_jax import kernels, noise
-from gpgrad_jax._likelihood import prepare
-from gpgrad_jax._solvers import resolve
 
 
 def _dense_posterior(kernel, x, y, nz, mean, x_new):
@@ -60,8 +58,8 @@ def test_variance_clamp_only_hides_rounding(solver, x64):
     problem = make_problem("curve", "per_point", 3, 3, None)
     kernel, x, y, nz, mean = problem.args()
     nz = noise.PerPoint(nz.blocks * 1e4)  # nearly noise-free: posterior variance ≈ 0 at the data
-    args = prepare(kernel, x, y, nz, mean)
-    _, raw = resolve(solver, *args[:2], args[2]).predict(*args, args[2])
+    chosen, prepared = gg.solvers.prepare(solver, kernel, x, y, nz, mean)
+    _, raw = chosen.predict(prepared, prepared.x)
     prior = jax.vmap(kernel.evaluate)(x, x)[:, None]
     eps = float(jnp.finfo(raw.dtype).eps)
     assert np.all(np.asarray(raw) >= -1e3 * eps * np.asarray(prior)), raw

@@ -34,6 +34,7 @@ and ``r̄_i = −Λ_i (r_i − μ_i)``, ``Λ̄_i = −½ r_i r_iᵀ + sym(μ_i r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -42,19 +43,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gpgrad_jax._kernels import Kernel
+from gpgrad_jax._arguments import all_hold, as_float_array, check_finite, check_rule, index_domain_rules, poison
 from gpgrad_jax._linalg import Cholesky, cho_inverse, cholesky
-from gpgrad_jax._noise import BlockDiagonal, Noise
+from gpgrad_jax._noise import BlockDiagonal
 from gpgrad_jax._rules import unwrap_primals
-from gpgrad_jax._validation import (
-    _all_hold,
-    _as_float_array,
-    _check_rule,
-    _kernel_names,
-    check_finite,
-    check_finite_output,
-    poison,
-)
+from gpgrad_jax._solver.base import Inapplicable, Solver
 
 Array = Any
 
@@ -254,14 +247,14 @@ def _sum_trees(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def blocked_point_terms(kernel, noise, x, z, r, fwd: Bound, want_kernel, want_noise) -> PointTerms:
+def blocked_point_terms(kernel, noise, x, z, r, fwd: Bound, want_kernel, want_noise, points_per_block=None) -> PointTerms:
     """``point_terms`` over all points, a block at a time (a ``lax.scan`` over full blocks, then
     the remainder): the per-pair arrays never exceed one block, whatever n."""
     n, dim = r.shape
     m = z.shape[0]
     blocks = noise_blocks(noise, n, dim)
     shared = shared_terms(fwd)
-    size = block_size(n, m, 1 if x.ndim == 1 else x.shape[1])
+    size = block_size(n, m, 1 if x.ndim == 1 else x.shape[1]) if points_per_block is None else min(n, points_per_block)
     full, tail = divmod(n, size)
 
     def run(start, length):
@@ -295,15 +288,15 @@ def blocked_point_terms(kernel, noise, x, z, r, fwd: Bound, want_kernel, want_no
     return PointTerms(grad_x, residual_bar, root_bar, grad_z, kernel_bar, a_bar_a), shared
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def precision_form_bound(kernel, noise, x, z, r, jitter):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def precision_form_bound(kernel, noise, x, z, r, jitter, points_per_block=None):
     return _forward(kernel, noise, x, z, r, jitter).value
 
 
 _forward = jax.jit(bound, static_argnums=5)
 
 
-def _bound_fwd(kernel, noise, x, z, r, jitter):
+def _bound_fwd(kernel, noise, x, z, r, jitter, points_per_block):
     # symbolic_zeros: the kernel's and the noise's cotangents, each a VJP of small functions,
     # are computed only when asked for.
     (kernel, kernel_wanted), (noise, noise_wanted), (x, _), (z, _), (r, _) = map(
@@ -313,14 +306,14 @@ def _bound_fwd(kernel, noise, x, z, r, jitter):
     return fwd.value, (kernel_wanted, noise_wanted, kernel, noise, x, z, r, fwd)
 
 
-def _bound_bwd(jitter, residuals, g):
+def _bound_bwd(jitter, points_per_block, residuals, g):
     kernel_wanted, noise_wanted, kernel, noise, x, z, r, fwd = residuals
-    return _backward(kernel_wanted, noise_wanted, jitter, kernel, noise, x, z, r, fwd, g)
+    return _backward(kernel_wanted, noise_wanted, jitter, points_per_block, kernel, noise, x, z, r, fwd, g)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _backward(kernel_wanted, noise_wanted, jitter, kernel, noise, x, z, r, fwd, g):
-    terms, shared = blocked_point_terms(kernel, noise, x, z, r, fwd, kernel_wanted, noise_wanted)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _backward(kernel_wanted, noise_wanted, jitter, points_per_block, kernel, noise, x, z, r, fwd, g):
+    terms, shared = blocked_point_terms(kernel, noise, x, z, r, fwd, kernel_wanted, noise_wanted, points_per_block)
     gram = gram_cotangent(shared, fwd, terms.a_bar_a, jitter)
     d_zz = kernel.grad_first_matrix(z, z)
     grad_z = terms.grad_z + 2.0 * jnp.sum(gram.reshape(gram.shape + (1,) * (d_zz.ndim - 2)) * d_zz, axis=1)
@@ -393,131 +386,102 @@ def sample(key, kernel, noise, x, z, r, jitter, x_new, num_samples):
     return (through_u + residual).reshape(num_samples, n_new, p * q)
 
 
-# ------------------------------------------------------------------ the public function
+# ------------------------------------------------------------------------------- the solver
 
 
-def prepare(kernel, x, y, noise, inducing, mean, jitter):
-    """Validated ``(kernel, noise, x, Z, r, jitter)`` in one floating dtype (``r = y − μ``, ``(n, D)``)."""
-    from gpgrad_jax._likelihood import prepare as prepare_problem
+class Prepared(NamedTuple):
+    """The problem with the inducing inputs in its dtype."""
 
-    kernel, noise, x, r = prepare_problem(kernel, x, y, noise, mean)
-    z, jitter = check_inducing(kernel, noise, x, inducing, jitter, stacklevel=4)
-    return kernel, noise, x, z, r, jitter
-
-
-def check_inducing(kernel, noise, x, inducing, jitter, stacklevel=3):
-    """``(Z, jitter)`` checked against a validated problem: ``Z`` in ``x``'s index space and dtype,
-    the jitter a number ``>= 0`` (the dtype's default for ``None``)."""
-    if not isinstance(noise, BlockDiagonal):
-        raise ValueError(
-            f"`noise`: the inducing-point bound needs noise that is block diagonal per point "
-            f"(noise.Isotropic or noise.PerPoint), got noise.{type(noise).__name__}"
-        )
-    z = _as_float_array("inducing", inducing)
-    n = x.shape[0]
-    want = "(m,)" if x.ndim == 1 else f"(m, {x.shape[1]})"
-    if z.ndim != x.ndim or z.shape[1:] != x.shape[1:] or z.shape[0] < 1:
-        raise ValueError(
-            f"`inducing` must have shape {want} with m >= 1, like `x` of shape {x.shape} "
-            f"(one inducing input per row, in the index space of `x`), got shape {z.shape}"
-        )
-    verdicts = [check_finite("inducing", z)]
-    anchored = _kernel_names(kernel, "nonnegative_index")
-    if anchored:
-        requirement = f">= 0 for the {anchored} kernel (indices are positions from a curve's start)"
-        verdicts.append(_check_rule("inducing", z, lambda a: a >= 0, requirement))
-    (z,) = poison(_all_hold(verdicts), z)
-    m = z.shape[0]
-    if m > n:
-        warnings.warn(
-            f"`inducing` has m = {m} points for n = {n} data points: the bound costs O(n m² + m³) "
-            f"time and O(n m + m²) memory, more than the exact likelihood's O(n³) and O(n²) here, "
-            "and is no tighter than with m = n inducing points at the data (where it is exact)",
-            UserWarning,
-            stacklevel=stacklevel,  # the warning names the user's call
-        )
-    if jitter is None:
-        jitter = default_jitter(x.dtype)
-    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not math.isfinite(jitter) or jitter < 0:
-        raise ValueError(f"`jitter` must be a Python number >= 0 (relative to the mean of k(z, z)), got {jitter!r}")
-    return z.astype(x.dtype), float(jitter)
+    kernel: Any
+    noise: Any
+    x: Array
+    r: Array
+    inducing: Array  # Z, (m,) or (m, d)
 
 
-def inducing_bound(
-    kernel: Kernel,
-    x: Array,
-    y: Array,
-    noise: Noise,
-    inducing: Array,
-    mean: Array | None = None,
-    *,
-    jitter: float | None = None,
-) -> jax.Array:
-    r"""Titsias' collapsed lower bound on the log marginal likelihood, with ``m`` inducing inputs.
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Inducing(Solver):
+    r"""Titsias' collapsed bound with inducing inputs ``Z`` (``(m,)`` or ``(m, d)``, like ``x``) and its
+    optimal variational posterior: O(n m² p²) time, O(n m) memory. ``points_per_block``: how many
+    points the backward pass takes at a time (its per-pair arrays hold about that many × ``m``
+    entries; ``None``: about 10⁵ entries, in cache).
 
-    With $Q = K_{xz} (K_{zz} + \varepsilon I)^{-1} K_{zx}$ and the noise precision
-    $\Lambda = \operatorname{blockdiag}(\Lambda_i)$, $\Lambda_i = B_i^\top B_i$,
-
-    $$
-    F = \log \mathcal{N}\bigl(y \mid \mu,\; Q \otimes I_D + \Lambda^{-1}\bigr)
-      - \tfrac12 \sum_i \operatorname{tr}(\Lambda_i)\,\bigl(k(x_i, x_i) - Q_{ii}\bigr)
-      \;\le\; \log p(y),
-    $$
-
-    computed in precision form (rank-deficient and zero blocks are fine, as in
-    [``log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood], whose noise-only term it
-    adds): a lower bound on the log density for every ``inducing``, equal to it when the inducing
-    inputs are the data's indices (up to the jitter). Maximise it over ``x``, ``inducing``, the
-    kernel and the noise together. O(n m² p²) time and O(n m) memory (``p = 1`` for
-    ``Isotropic`` noise, ``D`` for ``PerPoint``); no ``n × n`` array is formed.
-
-    ``jax.grad`` in any argument uses a hand-derived rule: with $G = \partial F / \partial K_{zx}$
-    and $\bar G_{zz} = \partial F / \partial K_{zz}$,
-
-    $$
-    \frac{\partial F}{\partial x_i} = \sum_j G_{ji}\, \frac{\partial k(x_i, z_j)}{\partial x_i} + \ldots,
-    \qquad
-    \frac{\partial F}{\partial z_j} = \sum_i G_{ji}\, \frac{\partial k(z_j, x_i)}{\partial z_j}
-      + 2 \sum_l (\bar G_{zz})_{jl}\, \frac{\partial k(z_j, z_l)}{\partial z_j},
-    $$
-
-    row sums against the kernel's ``grad_first`` (``docs/math.md``, section 5). Works under
-    ``jit``, ``vmap`` and reverse-over-reverse (``jax.hessian``), in float32 and float64.
-
-    Args:
-        kernel: any [``Kernel``][gpgrad_jax.kernels.Kernel] (built-in or ``@kernels.register``-ed).
-        x: index set, ``(n,)`` or ``(n, d)`` (latent positions of a GPLVM); any order, ties allowed.
-        y: data, ``(n,)`` or ``(n, D)``.
-        noise: [``Isotropic``][gpgrad_jax.noise.Isotropic] or [``PerPoint``][gpgrad_jax.noise.PerPoint].
-        inducing: the inducing inputs $Z$, ``(m,)`` or ``(m, d)`` like ``x``. ``m > n`` works but
-            costs more than the exact likelihood (a warning says so).
-        mean: prior mean, as in [``log_marginal_likelihood``][gpgrad_jax.log_marginal_likelihood].
-        jitter: $\varepsilon$ relative to the mean of $k(z_j, z_j)$ (a Python number; default
-            1e-8 in float64 — GPy's, which is absolute — and 1e-4 in float32). The jitter is part
-            of the model, inducing values observed with that small noise, so $F$ stays a lower
-            bound and its gradient includes the jitter's dependence on the kernel; but it lowers
-            the bound where inducing inputs crowd together (``default_jitter`` in
-            ``gpgrad_jax/_inducing.py`` has numbers): in float32, spread them out.
-
-    Returns:
-        The scalar bound.
-
-    Examples:
-        >>> import jax, jax.numpy as jnp
-        >>> import gpgrad_jax as gg
-        >>> from gpgrad_jax import kernels, noise
-        >>> x = jnp.linspace(0.0, 5.0, 200)
-        >>> k, nz = kernels.ExpSquared(1.0, 1.0), noise.Isotropic(0.1)
-        >>> F = gg.inducing_bound(k, x, jnp.sin(x), nz, jnp.linspace(0.0, 5.0, 12))
-        >>> bool(F <= gg.log_marginal_likelihood(k, x, jnp.sin(x), nz))
-        True
-        >>> grad_x, grad_z = jax.grad(gg.inducing_bound, argnums=(1, 4))(k, x, jnp.sin(x), nz, jnp.linspace(0.0, 5.0, 12))
-        >>> grad_x.shape, grad_z.shape
-        ((200,), (12,))
+    A lower bound, not the log density: [``gpgrad_jax.inducing_bound``][gpgrad_jax.inducing_bound]
+    evaluates it, and ``log_marginal_likelihood`` refuses this solver; ``predict`` and
+    ``sample_posterior`` take it (or ``inducing=Z``) for the variational posterior. ``jitter``:
+    relative to the mean of ``k(z, z)``, ``None`` for the dtype's default (``default_jitter``).
     """
-    from gpgrad_jax._likelihood import noise_log_density_correction
 
-    kernel, noise, x, z, r, jitter = prepare(kernel, x, y, noise, inducing, mean, jitter)
-    value = precision_form_bound(kernel, noise, x, z, r, jitter)
-    check_finite_output(value)
-    return value + noise_log_density_correction(noise, *r.shape)
+    inducing: Any
+    jitter: float | None = None
+    points_per_block: int | None = None
+
+    name = "inducing"
+    exact = False
+
+    def __repr__(self):
+        return f"Inducing(m={len(self.inducing)}, jitter={self.jitter!r}, points_per_block={self.points_per_block!r})"
+
+    def prepare(self, problem) -> Prepared:
+        kernel, noise, x, r = problem
+        if not isinstance(noise, BlockDiagonal):
+            raise Inapplicable(
+                f"`noise`: the inducing-point bound needs noise that is block diagonal per point "
+                f"(noise.Isotropic or noise.PerPoint), got noise.{type(noise).__name__}"
+            )
+        z = as_float_array("inducing", self.inducing)
+        n = x.shape[0]
+        want = "(m,)" if x.ndim == 1 else f"(m, {x.shape[1]})"
+        if z.ndim != x.ndim or z.shape[1:] != x.shape[1:] or z.shape[0] < 1:
+            raise ValueError(
+                f"`inducing` must have shape {want} with m >= 1, like `x` of shape {x.shape} "
+                f"(one inducing input per row, in the index space of `x`), got shape {z.shape}"
+            )
+        verdicts = [check_finite("inducing", z)] + [check_rule(*rule) for rule in index_domain_rules(kernel, "inducing", z)]
+        (z,) = poison(all_hold(verdicts), z.astype(x.dtype))
+        m = z.shape[0]
+        if m > n:
+            warnings.warn(
+                f"`inducing` has m = {m} points for n = {n} data points: the bound costs O(n m² + m³) "
+                f"time and O(n m + m²) memory, more than the exact likelihood's O(n³) and O(n²) here, "
+                "and is no tighter than with m = n inducing points at the data (where it is exact)",
+                UserWarning,
+                stacklevel=5,  # the warning names the user's call
+            )
+        return Prepared(kernel, noise, x, r, z)
+
+    def _jitter(self, prepared) -> float:
+        jitter = self.jitter
+        if jitter is None:
+            return default_jitter(prepared.x.dtype)
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not math.isfinite(jitter) or jitter < 0:
+            raise ValueError(f"`jitter` must be a Python number >= 0 (relative to the mean of k(z, z)), got {jitter!r}")
+        return float(jitter)
+
+    def log_likelihood(self, prepared):
+        kernel, noise, x, r, z = prepared
+        return precision_form_bound(kernel, noise, x, z, r, self._jitter(prepared), self._points_per_block())
+
+    def _points_per_block(self):
+        size = self.points_per_block
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"`points_per_block` must be a positive integer or None, got {size!r}")
+        return size
+
+    def plain_log_likelihood(self, prepared):
+        kernel, noise, x, r, z = prepared
+        return bound(kernel, noise, x, z, r, self._jitter(prepared)).value
+
+    def predict(self, prepared, x_new):
+        kernel, noise, x, r, z = prepared
+        return predict(kernel, noise, x, z, r, x_new, self._jitter(prepared))
+
+    def predict_covariance(self, prepared, x_new):
+        raise ValueError(
+            "`full_covariance=True` is not available with `inducing` (the inducing-point posterior's "
+            "would be n_new × n_new): use the marginal variances, or sample_posterior(..., inducing=...) for draws"
+        )
+
+    def sample(self, key, prepared, x_new, num_samples):
+        kernel, noise, x, r, z = prepared
+        return sample(key, kernel, noise, x, z, r, self._jitter(prepared), x_new, num_samples)

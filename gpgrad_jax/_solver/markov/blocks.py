@@ -1,38 +1,37 @@
-r"""State-space (Markov) forms of the kernels that have one, kept apart from the kernel classes.
+r"""The state-space blocks: linear SDEs whose states carry the kernels that have a Markov form.
 
-A kernel is Markov when ``f`` is the first entry of the state of a linear SDE whose state
-also holds ``f'``.  For such kernels the Kalman filter and smoother of ``gpgrad_jax._markov``
-give the likelihood and its gradient in O(n).  ``state_space`` maps a kernel to a tuple
-of *components*, one state block each, stacked block-diagonally (``f`` is the sum of the
-blocks' first entries):
+A kernel is Markov when ``f`` is the first entry of the state of a linear SDE. ``blocks_of`` maps
+a kernel to a tuple of *blocks*, one SDE each, stacked block-diagonally (``f`` is the sum of the
+blocks' first entries); ``model_blocks`` checks the tuple — what the Markov solvers build from a
+kernel, once per call. The blocks:
 
-* ``Polynomial`` — ``CubicSpline(σ²) + Linear(σ_l²) + Constant(σ_c²)`` as **one**
-  2-state block ``s = (f, f')`` (an integrated Wiener process started at index 0 from
+* ``CurveBlock`` — ``CubicSpline(σ²) + Linear(σ_l²) + Constant(σ_c²)`` as **one** 2-state block
+  ``s = (f, f')`` (an integrated Wiener process started at index 0 from
   ``s(0) ~ N(0, diag(σ_c², σ_l²))``): ``A(h) = [[1, h], [0, 1]]``,
   ``Q(h) = σ² [[h³/3, h²/2], [h²/2, h]]``; there is no stationary covariance.
-* ``Matern`` — Matérn 3/2 (2 states) or 5/2 (3 states), ``λ = √(2ν)/ℓ``:
+* ``MaternBlock`` — Matérn 3/2 (2 states) or 5/2 (3 states), ``λ = √(2ν)/ℓ``:
   ``A(h) = e^{−λh} Σ_j (F + λI)^j h^j / j!`` (``F + λI`` is nilpotent), ``Q(h) = P∞ − A P∞ Aᵀ``.
+* ``Matern12Block`` (Matérn 1/2, 1 state), ``SHOBlock`` (state ``(f, f')``), ``CosineBlock``
+  (a rotation, no process noise) and ``ProductBlock`` (the product of two stationary blocks).
+* ``ScaledBlock`` (a user's block times a constant) and ``ReadOutBlock`` (a user's block read
+  through its own ``H``, rewritten in the basis whose first entry is ``f``).
 
-Each component also gives square roots of its covariances for the square-root solvers:
-``process_noise_factor(h)`` (``L`` with ``L Lᵀ = Q(h)``) and ``initial_factor(t)``. They are
-computed to full *relative* accuracy in every entry, not from ``Q(h)`` itself: for a Matérn
-block ``P∞ − A P∞ Aᵀ`` cancels, its first entry being ``O((λh)^{2·size−1})`` while ``P∞`` is
-``O(1)`` (float32, Matérn 5/2, ``λh = 0.01``: relative error 2e3); for ``λh < 0.8`` the factor
-comes from the Taylor series of ``Q = ∫₀ʰ e^{Fτ} L q Lᵀ e^{Fᵀτ} dτ``, scaled so that it stays
-well conditioned as ``h → 0``.
+Each block also gives square roots of its covariances for the square-root form:
+``process_noise_factor(h)`` (``L`` with ``L Lᵀ = Q(h)``) and ``initial_factor(t)``, computed to
+full *relative* accuracy in every entry, not from ``Q(h)`` itself: for a Matérn block
+``P∞ − A P∞ Aᵀ`` cancels, its first entry being ``O((λh)^{2·size−1})`` while ``P∞`` is ``O(1)``
+(float32, Matérn 5/2, ``λh = 0.01``: relative error 2e3); for ``λh < 0.8`` the factor comes from
+the Taylor series of ``Q = ∫₀ʰ e^{Fτ} L q Lᵀ e^{Fᵀτ} dτ``, scaled so that it stays well
+conditioned as ``h → 0``.
 
-* ``Exponential`` (Matérn 1/2, 1 state), ``Oscillator`` (SHO, state ``(f, f')``), ``Periodic``
-  (Cosine: a rotation, no process noise) and ``Kronecker`` (products of stationary blocks).
+Sums merge their curve blocks and stack the rest; ``c * k`` (a product with a
+[``Constant``][gpgrad_jax.kernels.Constant]) scales every block (``Block.scaled``); products of
+stationary kernels distribute over sums into product blocks. Other kernels (the squared
+exponential, products with the curve kernels) have no form: ``NoStateSpaceForm``. Users
+register their own through [``gpgrad_jax.state_space``][gpgrad_jax.state_space].
 
-Sums merge their polynomial parts and stack the rest; ``c * k`` (a product with a
-[``Constant``][gpgrad_jax.kernels.Constant]) scales every variance; products of stationary
-kernels distribute over sums into Kronecker blocks. Other kernels (the squared exponential,
-products with the curve kernels) have no form and ``state_space`` raises ``NoStateSpaceForm``;
-users register their own through [``gpgrad_jax.state_space``][gpgrad_jax.state_space].
-
-Components are small dataclass pytrees of their effective parameters, so the solver's
-cotangents for them map back to the kernel's leaves with one ``jax.vjp`` of
-``state_space``.
+Blocks are small dataclass pytrees of their effective parameters: the solver's rule returns
+cotangents for them, and autodiff of ``model_blocks`` carries those to the kernel's leaves.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ import functools
 import math
 from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,7 +62,7 @@ def _matrix(rows, like):
     return jnp.stack([jnp.stack([entry(v) for v in row], -1) for row in rows], -2)
 
 
-class Component:
+class Block:
     r"""Base of a state-space block: a linear SDE whose state ``s`` (``size`` entries) holds the
     process ``f`` as the linear read-out ``f = H s``.
 
@@ -71,8 +71,8 @@ class Component:
     * ``transition(h)`` — ``A(h) = e^{F h}``, ``(..., size, size)``;
     * ``process_noise(h)`` — ``Q(h) = ∫₀ʰ e^{Fτ} L Q_c Lᵀ e^{Fᵀτ} dτ`` (for a stationary block
       ``P∞ − A(h) P∞ A(h)ᵀ``), ``(..., size, size)``;
-    * ``stationary()`` — ``P∞`` (a stationary block), **or** ``initial(t)``, the prior covariance
-      of the state at the first (smallest) index ``t``;
+    * ``stationary_covariance()`` — ``P∞`` (a stationary block: subclass ``StationaryBlock``),
+      **or** ``initial(t)``, the prior covariance of the state at the first (smallest) index ``t``;
     * ``observation()`` — ``H``, ``(size,)``; the default ``None`` reads the first entry. If
       given, ``H[0]`` must not be 0 (the block is rewritten in the basis whose first entry is
       ``f``);
@@ -85,16 +85,24 @@ class Component:
     Every method must be a JAX function of the block's fields (its parameters, a pytree): the
     gradient in them and in ``h`` comes from autodiff of these small functions, vmapped over
     the steps — never through the filter.
+
+    A block also owns its special cases, which the built-in blocks override: ``scaled(c)`` (the
+    block times a constant), ``may_kink()`` (whether its kernel may have a kink at ``τ = 0``) and
+    the closed forms of its parameter cotangents, ``cotangent_from_steps`` (by default autodiff
+    of the per-step functions) and ``cotangent_from_marginals`` (where ``marginal_identity``).
     """
 
     size: ClassVar[int]
     slope_entry: ClassVar[int | None] = None
+    #: Whether ``cotangent_from_marginals`` gives the parameter cotangents from the smoothed
+    #: marginals alone (no adjoint pass needed for them).
+    marginal_identity: ClassVar[bool] = False
 
     def observation(self):
         return None
 
     def initial(self, t):
-        return jnp.broadcast_to(self.stationary(), (*jnp.shape(t), self.size, self.size))
+        return jnp.broadcast_to(self.stationary_covariance(), (*jnp.shape(t), self.size, self.size))
 
     def process_noise_factor(self, h):
         return cholesky(self.process_noise(h), semidefinite=True)
@@ -102,21 +110,68 @@ class Component:
     def initial_factor(self, t):
         return cholesky(self.initial(t), semidefinite=True)
 
+    def scaled(self, scale):
+        """The block of ``c · k`` for this block's ``k``: covariances times ``c``."""
+        return ScaledBlock(self, scale)
 
-class Stationary(Component):
-    """A block with a stationary state covariance ``P∞`` (``stationary()``), the prior of the
-    first state. Products of stationary blocks are Kronecker blocks."""
+    def may_kink(self) -> bool:
+        """Whether the block's kernel may have a kink at ``τ = 0`` (paths not differentiable):
+        then tied indices need the mean of the one-sided derivatives. A block without a
+        stationary covariance has none here; stationary ones are checked at run time (``kink_slope``)."""
+        return False
+
+    def per_step(self, steps, first):
+        """``(A(h_k), Q(h_k), P₀(x₁))``: the block's functions on every step and at the first index."""
+        return self.transition(steps), self.process_noise(steps), self.initial(first)
+
+    def cotangent_from_steps(self, a_bar, q_bar, steps, first):
+        """The block's parameter cotangents from every step's ``(Ā_k, Q̄_k)`` (``(n, k, k)`` each;
+        ``Q̄_0`` is the first state's prior's), by one ``jax.vjp`` of ``per_step``, vectorised over
+        the steps: the generic rule."""
+        _, vjp = jax.vjp(lambda block: block.per_step(steps, first), self)
+        (bar,) = vjp((a_bar[1:], q_bar[1:], q_bar[0]))
+        return bar
+
+    def cotangent_from_marginals(self, value_term, slope_term, x):
+        """The parameter cotangents by an identity of the smoothed marginals, for blocks with
+        ``marginal_identity`` (``value_term``, ``slope_term``: ``z·E[s_j] − q tr(Λ Cov(s_j, f))`` per
+        point for the value and slope entries)."""
+        raise NotImplementedError(f"{type(self).__name__} has no marginal identity")
+
+
+class StationaryBlock(Block):
+    """A block with a stationary state covariance ``P∞`` (``stationary_covariance()``), the prior of
+    the first state. Products of stationary blocks are product blocks (``ProductBlock``).
+
+    Blocks written against the earlier contract, whose ``P∞`` method is named ``stationary()``,
+    still work: ``stationary_covariance`` falls back to it."""
+
+    def stationary_covariance(self):
+        legacy = getattr(self, "stationary", None)
+        if legacy is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither stationary_covariance() nor stationary()")
+        return legacy()
 
     def stationary_factor(self):
         """A square root of ``P∞``."""
-        return cholesky(self.stationary(), semidefinite=True)
+        return cholesky(self.stationary_covariance(), semidefinite=True)
 
     def initial_factor(self, t):
         return jnp.broadcast_to(self.stationary_factor(), (*jnp.shape(t), self.size, self.size))
 
+    def may_kink(self) -> bool:
+        return True  # unknown: ``kink_slope`` is exactly 0 where the paths are differentiable
+
+    def kink_slope(self):
+        """``κ = k'(0⁺) = [A'(0) P∞]₀₀`` (0 where the paths are differentiable)."""
+        stationary = self.stationary_covariance()
+        zero = jnp.zeros((), stationary.dtype)
+        _, derivative = jax.jvp(self.transition, (zero,), (jnp.ones_like(zero),))
+        return (derivative @ stationary)[0, 0]
+
 
 @pytree_dataclass
-class Polynomial(Component):
+class CurveBlock(Block):
     """``CubicSpline(cubic) + Linear(linear) + Constant(constant)`` as one 2-state block."""
 
     cubic: Array
@@ -152,6 +207,19 @@ class Polynomial(Component):
         prior = _matrix([[sigma_c, t * sigma_l], [0.0, sigma_l]], t)
         return triangularize(jnp.concatenate([prior, self.process_noise_factor(t)], axis=-1))[..., :2]
 
+    def scaled(self, scale):
+        return CurveBlock(*(scale * v for v in self.parts()))
+
+    def cotangent_from_steps(self, a_bar, q_bar, steps, first):
+        """In closed form: ``A`` does not depend on the parameters, and they enter ``Q(h_k)`` and
+        the first state's prior linearly — ``σ̄² = Σ_k ⟨Q̄_k, Q̃(h_k)⟩`` (with ``h_0 = x₁``, the prior
+        holding ``Q̃(x₁)``), and the linear and constant variances read ``Q̄_0``."""
+        all_steps = jnp.concatenate([jnp.reshape(first, (1,)), steps])
+        cubic_bar = jnp.sum(q_bar * unit_cubic_noise(all_steps))
+        prior = q_bar[0]
+        linear_bar = first * first * prior[0, 0] + 2.0 * first * prior[0, 1] + prior[1, 1]
+        return CurveBlock(cubic_bar, linear_bar, prior[0, 0])
+
 
 def _safe_sqrt(v):
     """``√v`` for ``v ≥ 0``, with a zero (not infinite) derivative at ``v = 0``."""
@@ -166,7 +234,7 @@ def unit_cubic_noise(h):
 
 
 @pytree_dataclass(static=("order",))
-class Matern(Stationary):
+class MaternBlock(StationaryBlock):
     """A Matérn-``order/2`` block (``order`` 3 or 5) with variance and lengthscale."""
 
     variance: Array
@@ -174,6 +242,7 @@ class Matern(Stationary):
     order: int
 
     slope_entry: ClassVar[int | None] = 1
+    marginal_identity: ClassVar[bool] = True
 
     @property
     def size(self):
@@ -183,7 +252,7 @@ class Matern(Stationary):
         """``λ = √order / ℓ``."""
         return jnp.sqrt(jnp.asarray(float(self.order), jnp.result_type(self.lengthscale))) / self.lengthscale
 
-    def stationary(self):
+    def stationary_covariance(self):
         """``P∞``, the stationary covariance of the state."""
         lam = self.rate()
         if self.order == 3:
@@ -208,11 +277,11 @@ class Matern(Stationary):
 
     def process_noise(self, h):
         a = self.transition(h)
-        stationary = self.stationary()
+        stationary = self.stationary_covariance()
         return stationary - small_matmul(small_matmul(a, stationary), jnp.swapaxes(a, -1, -2))
 
     def initial(self, t):
-        return jnp.broadcast_to(self.stationary(), (*jnp.shape(t), self.size, self.size))
+        return jnp.broadcast_to(self.stationary_covariance(), (*jnp.shape(t), self.size, self.size))
 
     def _scale(self):
         """``σ Λ`` as a column of row scales, ``Λ = diag(1, λ, λ², …)``: ``s = Λ ŝ`` maps the
@@ -232,6 +301,20 @@ class Matern(Stationary):
     def stationary_factor(self):
         factor = jnp.asarray(_UNIT_MATERN[self.order].stationary_factor, jnp.result_type(self.variance))
         return self._scale() * factor
+
+    def scaled(self, scale):
+        return dataclasses.replace(self, variance=scale * self.variance)
+
+    def may_kink(self) -> bool:
+        return False
+
+    def cotangent_from_marginals(self, value_term, slope_term, x):
+        """``∂L/∂v = (1/2v) Σ_i [z_i·E f_c(x_i) − tr(Λ_i Cov(f_c(x_i), f(x_i)|y))]`` and
+        ``∂L/∂ℓ = −(1/ℓ) Σ_i (x_i − x̄) [z_i·E f'_c(x_i) − tr(Λ_i Cov(f'_c(x_i), f(x_i)|y))]``: the
+        variance scales the block's covariance, the lengthscale its time (``docs/math.md``)."""
+        variance_bar = jnp.sum(value_term) / (2.0 * self.variance)
+        lengthscale_bar = -jnp.sum((x - jnp.mean(x)) * slope_term) / self.lengthscale
+        return MaternBlock(variance_bar, lengthscale_bar, self.order)
 
 
 #: Below this ``λh`` the Matérn process-noise factor comes from the Taylor series (18 terms in
@@ -314,7 +397,7 @@ _UNIT_MATERN = {3: _UnitMatern(3), 5: _UnitMatern(5)}
 
 
 @pytree_dataclass
-class Exponential(Stationary):
+class Matern12Block(StationaryBlock):
     """Matérn 1/2: ``f' = −λ f + w``, ``λ = 1/ℓ``; ``A = e^{−λh}``, ``Q = σ²(1 − e^{−2λh})``."""
 
     variance: Array
@@ -331,15 +414,18 @@ class Exponential(Stationary):
     def process_noise_factor(self, h):
         return jnp.sqrt(self.process_noise(h))
 
-    def stationary(self):
+    def stationary_covariance(self):
         return jnp.reshape(self.variance, (1, 1))
 
     def stationary_factor(self):
         return jnp.reshape(jnp.sqrt(self.variance), (1, 1))
 
+    def scaled(self, scale):
+        return dataclasses.replace(self, variance=scale * self.variance)
+
 
 @pytree_dataclass
-class Periodic(Stationary):
+class CosineBlock(StationaryBlock):
     """The cosine kernel's 2-state rotation: ``A(h)`` rotates by ``ωh``, ``Q = 0``, ``P∞ = σ² I``."""
 
     variance: Array
@@ -357,15 +443,21 @@ class Periodic(Stationary):
 
     process_noise_factor = process_noise
 
-    def stationary(self):
+    def stationary_covariance(self):
         return self.variance * jnp.eye(2, dtype=jnp.result_type(self.variance))
 
     def stationary_factor(self):
         return jnp.sqrt(self.variance) * jnp.eye(2, dtype=jnp.result_type(self.variance))
 
+    def scaled(self, scale):
+        return dataclasses.replace(self, variance=scale * self.variance)
+
+    def may_kink(self) -> bool:
+        return False
+
 
 @pytree_dataclass
-class Oscillator(Stationary):
+class SHOBlock(StationaryBlock):
     """The SHO: state ``(f, f')``, ``F = [[0, 1], [−ω², −ω/Q]]``, ``P∞ = σ² diag(1, ω²)``,
     ``A(h) = e^{−γh} [[c + γs, s], [−ω²s, c − γs]]`` (``gpgrad_jax._kernels.damped_oscillation``)."""
 
@@ -391,7 +483,7 @@ class Oscillator(Stationary):
         scale = jnp.stack([jnp.ones_like(self.omega), self.omega])
         return unit * scale[:, None] / scale[None, :]
 
-    def stationary(self):
+    def stationary_covariance(self):
         return self.sigma**2 * jnp.diag(jnp.stack([jnp.ones_like(self.omega), self.omega**2]))
 
     def stationary_factor(self):
@@ -399,7 +491,7 @@ class Oscillator(Stationary):
 
     def process_noise(self, h):
         a = self.transition(h)
-        stationary = self.stationary()
+        stationary = self.stationary_covariance()
         return stationary - small_matmul(small_matmul(a, stationary), jnp.swapaxes(a, -1, -2))
 
     def process_noise_factor(self, h):
@@ -413,6 +505,12 @@ class Oscillator(Stationary):
         a = self._unit_transition(jnp.where(near, 1.0, t))
         large = cholesky(jnp.eye(2, dtype=a.dtype) - small_matmul(a, jnp.swapaxes(a, -1, -2)), semidefinite=True)
         return self._scale() * jnp.where(near[..., None, None], small, large)
+
+    def scaled(self, scale):
+        return dataclasses.replace(self, sigma=jnp.sqrt(scale) * self.sigma)
+
+    def may_kink(self) -> bool:
+        return False
 
 
 def _companion_series_factor(drift, diffusion, t):
@@ -444,7 +542,7 @@ def _kron(a, b):
 
 
 @pytree_dataclass
-class Kronecker(Stationary):
+class ProductBlock(StationaryBlock):
     """The product ``k₁ k₂`` of two stationary blocks: state ``s₁ ⊗ s₂``, ``A = A₁ ⊗ A₂``,
     ``P∞ = P₁ ⊗ P₂``, ``H = H₁ ⊗ H₂`` (the first entry when both read their first), and
     ``Q = P∞ − A P∞ Aᵀ = Q₁ ⊗ (A₂P₂A₂ᵀ) + P₁ ⊗ Q₂`` — a sum of two positive semi-definite
@@ -470,8 +568,8 @@ class Kronecker(Stationary):
     def transition(self, h):
         return _kron(self.first.transition(h), self.second.transition(h))
 
-    def stationary(self):
-        return _kron(self.first.stationary(), self.second.stationary())
+    def stationary_covariance(self):
+        return _kron(self.first.stationary_covariance(), self.second.stationary_covariance())
 
     def stationary_factor(self):
         return _kron(self.first.stationary_factor(), self.second.stationary_factor())
@@ -479,10 +577,10 @@ class Kronecker(Stationary):
     def _kept(self, h):
         """``A₂ P₂ A₂ᵀ``: the part of the second block's variance that survives a step."""
         a2 = self.second.transition(h)
-        return small_matmul(small_matmul(a2, self.second.stationary()), jnp.swapaxes(a2, -1, -2))
+        return small_matmul(small_matmul(a2, self.second.stationary_covariance()), jnp.swapaxes(a2, -1, -2))
 
     def process_noise(self, h):
-        p1 = jnp.broadcast_to(self.first.stationary(), (*jnp.shape(h), self.first.size, self.first.size))
+        p1 = jnp.broadcast_to(self.first.stationary_covariance(), (*jnp.shape(h), self.first.size, self.first.size))
         return _kron(self.first.process_noise(h), self._kept(h)) + _kron(p1, self.second.process_noise(h))
 
     def process_noise_factor(self, h):
@@ -493,9 +591,55 @@ class Kronecker(Stationary):
         joint = jnp.concatenate([_kron(self.first.process_noise_factor(h), kept), _kron(s1, self.second.process_noise_factor(h))], axis=-1)
         return triangularize(joint)[..., : self.size]
 
+    def scaled(self, scale):
+        return dataclasses.replace(self, first=self.first.scaled(scale))
+
+    def may_kink(self) -> bool:
+        return self.first.may_kink() or self.second.may_kink()
+
+    def cotangent_from_steps(self, a_bar, q_bar, steps, first):
+        """By the product rule on the factors, in closed form: ``A = A₁ ⊗ A₂``,
+        ``Q = Q₁ ⊗ K₂ + P₁ ⊗ Q₂`` (``K₂ = A₂P₂A₂ᵀ``), prior ``P₁ ⊗ P₂``; then one ``jax.vjp`` per
+        factor (of its own small functions, not of the products')."""
+        k1, k2 = self.first.size, self.second.size
+        (a1, q1, p1), vjp1 = jax.vjp(_factor_steps, self.first, steps)
+        (a2, q2, p2), vjp2 = jax.vjp(_factor_steps, self.second, steps)
+        step_a, step_q, prior = a_bar[1:], q_bar[1:], q_bar[0]
+        kept = small_matmul(small_matmul(a2, p2), _t(a2))
+        a1_bar = _contract(step_a, a2, k1, k2, True)
+        a2_bar = _contract(step_a, a1, k1, k2, False)
+        q1_bar = _contract(step_q, kept, k1, k2, True)
+        kept_bar = _contract(step_q, q1, k1, k2, False)
+        q2_bar = _contract(step_q, jnp.broadcast_to(p1, q1.shape), k1, k2, False)
+        p1_bar = jnp.sum(_contract(step_q, q2, k1, k2, True), axis=0) + _contract(prior, p2, k1, k2, True)
+        # K₂ = A₂ P₂ A₂ᵀ with P₂ symmetric.
+        a2_bar = a2_bar + small_matmul(small_matmul(kept_bar + _t(kept_bar), a2), p2)
+        p2_bar = jnp.sum(small_matmul(small_matmul(_t(a2), kept_bar), a2), axis=0) + _contract(prior, p1, k1, k2, False)
+        first_bar, _ = vjp1((a1_bar, q1_bar, p1_bar))
+        second_bar, _ = vjp2((a2_bar, q2_bar, p2_bar))
+        return ProductBlock(first_bar, second_bar)
+
+
+def _t(a):
+    return jnp.swapaxes(a, -1, -2)
+
+
+def _factor_steps(block, steps):
+    return block.transition(steps), block.process_noise(steps), block.stationary_covariance()
+
+
+def _contract(bar, other, k1, k2, keep_first):
+    """For ``M = X ⊗ Y`` with cotangent ``bar`` (``…, k1·k2, k1·k2``): ``X̄ = Σ bar ⊙ Y`` over
+    ``Y``'s indices (``keep_first``) or ``Ȳ = Σ bar ⊙ X`` over ``X``'s — broadcast products and
+    sums, not dots (see ``small_matmul``)."""
+    split = bar.reshape(*bar.shape[:-2], k1, k2, k1, k2)
+    if keep_first:
+        return jnp.sum(split * other[..., None, :, None, :], axis=(-3, -1))
+    return jnp.sum(split * other[..., :, None, :, None], axis=(-4, -2))
+
 
 @pytree_dataclass
-class Scaled(Component):
+class ScaledBlock(Block):
     """A registered block times a constant ``c`` (covariances ``c·``, factors ``√c·``)."""
 
     block: Any
@@ -527,21 +671,28 @@ class Scaled(Component):
     def initial_factor(self, t):
         return jnp.sqrt(self.scale) * self.block.initial_factor(t)
 
-    def stationary(self):
-        return self.scale * self.block.stationary()
+    def stationary_covariance(self):
+        return self.scale * self.block.stationary_covariance()
+
+    def scaled(self, scale):
+        return ScaledBlock(self.block, scale * self.scale)
+
+    def may_kink(self) -> bool:
+        return self.block.may_kink()
+
+    def kink_slope(self):
+        return self.scale * self.block.kink_slope()
 
 
 @functools.singledispatch
-def state_space(kernel: kernels.Kernel) -> tuple:
-    """The state-space components of ``kernel`` (see the module docstring).
-
-    Raises ``NoStateSpaceForm`` naming the kernel when it has none.
+def blocks_of(kernel: kernels.Kernel) -> tuple:
+    """The state-space blocks of ``kernel`` (see the module docstring), as registered; raises
+    ``NoStateSpaceForm`` naming the kernel when it has none. ``model_blocks`` checks them.
 
     Examples:
         >>> from gpgrad_jax import kernels
-        >>> from gpgrad_jax._statespace import state_space
-        >>> [type(c).__name__ for c in state_space(kernels.CubicSpline(1.0) + kernels.Matern32(1.0, 0.5))]
-        ['Polynomial', 'Matern']
+        >>> [type(b).__name__ for b in blocks_of(kernels.CubicSpline(1.0) + kernels.Matern32(1.0, 0.5))]
+        ['CurveBlock', 'MaternBlock']
     """
     raise NoStateSpaceForm(
         f"kernel {type(kernel).__name__} has no state-space form, so solver='markov' cannot use it; "
@@ -555,20 +706,20 @@ def _polynomial(variance, part):
     variance = jnp.asarray(variance)
     parts = [jnp.zeros_like(variance)] * 3
     parts[part] = variance
-    return (Polynomial(*parts),)
+    return (CurveBlock(*parts),)
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.CubicSpline):
     return _polynomial(kernel.variance, 0)
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.Linear):
     return _polynomial(kernel.variance, 1)
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.Constant):
     return _polynomial(kernel.variance, 2)
 
@@ -583,74 +734,62 @@ def _matern_lengthscale(kernel):
     return lengthscale.reshape(())
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.Matern12):
-    return (Exponential(jnp.asarray(kernel.variance), _matern_lengthscale(kernel)),)
+    return (Matern12Block(jnp.asarray(kernel.variance), _matern_lengthscale(kernel)),)
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.SHO):
-    return (Oscillator(jnp.asarray(kernel.sigma), jnp.asarray(kernel.omega), jnp.asarray(kernel.quality)),)
+    return (SHOBlock(jnp.asarray(kernel.sigma), jnp.asarray(kernel.omega), jnp.asarray(kernel.quality)),)
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.Cosine):
-    return (Periodic(jnp.asarray(kernel.variance), jnp.asarray(kernel.period)),)
+    return (CosineBlock(jnp.asarray(kernel.variance), jnp.asarray(kernel.period)),)
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.Matern32):
-    return (Matern(jnp.asarray(kernel.variance), _matern_lengthscale(kernel), 3),)
+    return (MaternBlock(jnp.asarray(kernel.variance), _matern_lengthscale(kernel), 3),)
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.Matern52):
-    return (Matern(jnp.asarray(kernel.variance), _matern_lengthscale(kernel), 5),)
+    return (MaternBlock(jnp.asarray(kernel.variance), _matern_lengthscale(kernel), 5),)
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.Sum):
-    merged = [c for c in state_space(kernel.k1) + state_space(kernel.k2) if not isinstance(c, Polynomial)]
-    polynomials = [c for c in state_space(kernel.k1) + state_space(kernel.k2) if isinstance(c, Polynomial)]
-    if polynomials:
-        total = Polynomial(*(sum(parts) for parts in zip(*(p.parts() for p in polynomials))))
-        merged.insert(0, total)
+    blocks = blocks_of(kernel.k1) + blocks_of(kernel.k2)
+    merged = [b for b in blocks if not isinstance(b, CurveBlock)]
+    curves = [b for b in blocks if isinstance(b, CurveBlock)]  # one curve block: they share (f, f')
+    if curves:
+        merged.insert(0, CurveBlock(*(sum(parts) for parts in zip(*(c.parts() for c in curves)))))
     return tuple(merged)
 
 
-@state_space.register
+@blocks_of.register
 def _(kernel: kernels.Product):
     for scale, other in ((kernel.k1, kernel.k2), (kernel.k2, kernel.k1)):
         if isinstance(scale, kernels.Constant):
-            return tuple(_scaled(c, scale.variance) for c in state_space(other))
-    # (Σ_a k_a)(Σ_b k_b) = Σ_ab k_a k_b: one Kronecker block per pair.
-    firsts, seconds = state_space(kernel.k1), state_space(kernel.k2)
-    for component in firsts + seconds:
-        if not isinstance(component, Stationary):
+            return tuple(block.scaled(scale.variance) for block in blocks_of(other))
+    # (Σ_a k_a)(Σ_b k_b) = Σ_ab k_a k_b: one product block per pair.
+    firsts, seconds = blocks_of(kernel.k1), blocks_of(kernel.k2)
+    for block in firsts + seconds:
+        if not isinstance(block, StationaryBlock):
             raise NoStateSpaceForm(
                 f"kernel Product({type(kernel.k1).__name__}, {type(kernel.k2).__name__}) has no "
-                f"state-space form here: its factor with the {type(component).__name__} block is not "
+                f"state-space form here: its factor with the {type(block).__name__} is not "
                 "stationary (the curve kernels CubicSpline and Linear, or a Constant inside a sum); "
                 "products of stationary kernels (Matern12/32/52, SHO, Cosine, their sums and products) "
                 "are Markov. Use solver='dense'."
             )
-    return tuple(Kronecker(a, b) for a in firsts for b in seconds)
-
-
-def _scaled(component, scale):
-    if isinstance(component, Polynomial):
-        return Polynomial(*(scale * v for v in component.parts()))
-    if isinstance(component, Oscillator):
-        return dataclasses.replace(component, sigma=jnp.sqrt(scale) * component.sigma)
-    if isinstance(component, Kronecker):
-        return dataclasses.replace(component, first=_scaled(component.first, scale))
-    if isinstance(component, (Matern, Exponential, Periodic)):
-        return dataclasses.replace(component, variance=scale * component.variance)
-    return Scaled(component, scale)
+    return tuple(ProductBlock(a, b) for a in firsts for b in seconds)
 
 
 @pytree_dataclass
-class Reread(Component):
+class ReadOutBlock(Block):
     """A block with a read-out ``H ≠ e₀``, in the basis ``s̃ = T s`` whose first entry is ``f``
     (``T`` the identity with ``H`` as its first row, ``H[0] ≠ 0``): ``Ã = T A T⁻¹``,
     ``Q̃ = T Q Tᵀ``, initial covariance ``T P Tᵀ``."""
@@ -688,36 +827,30 @@ class Reread(Component):
     def initial_factor(self, t):
         return self._basis()[0] @ self.block.initial_factor(t)
 
-    def stationary(self):
-        return self._congruence(self.block.stationary())
+    def stationary_covariance(self):
+        return self._congruence(self.block.stationary_covariance())
+
+    def may_kink(self) -> bool:
+        return self.block.may_kink()
+
+    def kink_slope(self):
+        return StationaryBlock.kink_slope(self)  # in this basis: f is the first entry
 
 
-def model_components(kernel) -> tuple:
-    """``state_space(kernel)``, checked, with every block reading ``f`` as its first entry."""
-    components = state_space(kernel)
-    if not isinstance(components, tuple) or not components:
+def model_blocks(kernel) -> tuple:
+    """``blocks_of(kernel)``, checked, with every block reading ``f`` as its first entry: what the
+    Markov solvers build from a kernel, once per call."""
+    blocks = blocks_of(kernel)
+    if not isinstance(blocks, tuple) or not blocks:
         raise TypeError(
-            f"state_space of {type(kernel).__name__} must return a non-empty tuple of state-space "
-            f"components, got {components!r}"
+            f"the state-space form of {type(kernel).__name__} must be a non-empty tuple of blocks, got {blocks!r}"
         )
     out = []
-    for component in components:
-        if not isinstance(component, Component):
+    for block in blocks:
+        if not isinstance(block, Block):
             raise TypeError(
-                f"state_space of {type(kernel).__name__} returned a {type(component).__name__}; its "
-                "blocks must subclass gpgrad_jax.state_space.Component"
+                f"the state-space form of {type(kernel).__name__} holds a {type(block).__name__}; its "
+                "blocks must subclass gpgrad_jax.state_space.Block"
             )
-        out.append(component if component.observation() is None else Reread(component))
+        out.append(block if block.observation() is None else ReadOutBlock(block))
     return tuple(out)
-
-
-def may_kink(component) -> bool:
-    """Whether the block's kernel may have a kink at ``τ = 0`` (paths not differentiable)."""
-    if isinstance(component, Kronecker):
-        return may_kink(component.first) or may_kink(component.second)
-    if isinstance(component, (Scaled, Reread)):
-        return may_kink(component.block)
-    if isinstance(component, (Polynomial, Matern, Oscillator, Periodic)):
-        return False
-    # A user's block: stationary ones are checked (the kink's slope is 0 when there is none).
-    return callable(getattr(component, "stationary", None))

@@ -1,4 +1,4 @@
-r"""The Kalman filter and smoother in covariance form (the model: ``gpgrad_jax._markov_model``).
+r"""The Kalman filter and smoother in covariance form (the model: ``model``).
 
 **Filter** (value). ``m⁻ = A m, P⁻ = A P Aᵀ + Q``; ``U = I + C P⁻ Cᵀ`` (eigenvalues ``≥ 1``:
 rank-deficient or zero blocks are fine, ``P`` and ``Q`` are never inverted),
@@ -14,7 +14,7 @@ O(log n) depth (``"markov-parallel"``).
 
 Exact in float64; in float32 the differences of covariances it forms (``P⁺ = P⁻ − K U Kᵀ``,
 smoothed ``P − P Λ̂ P``) lose what the large precisions of small noise amplify — the
-square-root form (``gpgrad_jax._kalman_sqrt``) is the float32 solver.
+square-root form (``square_root``) is the float32 solver.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gpgrad_jax._markov_model import Model, Smoothed, rows, shift_back, shift_forward, split
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import solve, spd_inverse_and_logdet
 from gpgrad_jax._smallmatrix import transpose as _t
+from gpgrad_jax._solver.markov.model import Model, Smoothed, rows, shift_back, shift_forward, split
 
 Array = Any
 
@@ -35,9 +35,9 @@ Array = Any
 class Filtered(NamedTuple):
     """Predicted moments and innovations at every point (sorted order)."""
 
-    mean: Array  # m⁻_k, (n, N, q)
-    cov: Array  # P⁻_k, (n, N, N)
-    terms: Array  # −½ vᵀU⁻¹v − (q/2) log|U|, (n,)
+    predicted_mean: Array  # m⁻_k, (n, N, q)
+    predicted_cov: Array  # P⁻_k, (n, N, N)
+    log_terms: Array  # −½ vᵀU⁻¹v − (q/2) log|U|, (n,)
 
 
 def _update(mean, cov, obs_matrix, obs):
@@ -130,12 +130,12 @@ class _Update(NamedTuple):
 
 
 def _updates(filtered: Filtered, model: Model) -> _Update:
-    c, cov = model.obs_matrix, filtered.cov
+    c, cov = model.obs_matrix, filtered.predicted_cov
     pc = _mm(cov, _t(c))
     u_inv, _ = spd_inverse_and_logdet(jnp.eye(c.shape[-2], dtype=cov.dtype) + _mm(c, pc))
     gain = _mm(pc, u_inv)
     residual_map = jnp.eye(cov.shape[-1], dtype=cov.dtype) - _mm(gain, c)
-    return _Update(u_inv, model.obs - _mm(c, filtered.mean), gain, residual_map)
+    return _Update(u_inv, model.obs - _mm(c, filtered.predicted_mean), gain, residual_map)
 
 
 def _backward_elements(update: _Update, model: Model):
@@ -189,13 +189,13 @@ def smooth(filtered: Filtered, model: Model, parallel: bool) -> Smoothed:
     e, c, d = _backward_elements(update, model)
     nu, info = (_adjoints_parallel if parallel else _adjoints_sequential)(e, c, d)
     gain, residual_map = update.gain, update.residual_map
-    filt_mean = filtered.mean + _mm(gain, update.innovation)
-    filt_cov = _mm(_mm(residual_map, filtered.cov), _t(residual_map)) + _mm(gain, _t(gain))
+    filt_mean = filtered.predicted_mean + _mm(gain, update.innovation)
+    filt_cov = _mm(_mm(residual_map, filtered.predicted_cov), _t(residual_map)) + _mm(gain, _t(gain))
     next_transition = shift_back(model.transition)
     later_mean = _mm(_t(next_transition), shift_back(nu))
     later_info = _mm(_mm(_t(next_transition), shift_back(info)), next_transition)
     mean = filt_mean + _mm(filt_cov, later_mean)
     cov = filt_cov - _mm(_mm(filt_cov, later_info), filt_cov)
     cov = 0.5 * (cov + _t(cov))
-    residual = model.obs - _mm(model.obs_matrix, mean)
-    return Smoothed(mean, residual, cov, None, None, nu, info, filt_mean, filt_cov)
+    whitened_residual = model.obs - _mm(model.obs_matrix, mean)
+    return Smoothed(mean, whitened_residual, cov, None, None, nu, info, filt_mean, filt_cov)

@@ -1,6 +1,6 @@
 r"""The square-root Kalman filter and smoother: covariances carried as factors, combined by QR.
 
-Same model as ``gpgrad_jax._kalman`` (the covariance form): over the sorted indices
+Same model as ``covariance`` (the covariance form): over the sorted indices
 ``s_k = A_k s_{k−1} + L_k ξ_k`` with ``L_k L_kᵀ = Q_k`` (``A_0 = 0``, ``L_0`` the first state's
 prior factor) and whitened observations ``o_k = B_k r_k = C_k s_k + e_k``, ``C_k = B_k H``,
 ``e_k ~ N(0, I)``. Every covariance is a factor ``P = S Sᵀ`` and every update one orthogonal
@@ -35,10 +35,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gpgrad_jax._markov_model import Smoothed, read_values, rows, shift_back, shift_forward, split
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import solve_lower, solve_lower_transposed, triangularize
 from gpgrad_jax._smallmatrix import transpose as _t
+from gpgrad_jax._solver.markov.model import Smoothed, read_values, rows, shift_back, shift_forward, split
 
 Array = Any
 
@@ -49,8 +49,8 @@ class Filtered(NamedTuple):
     mean: Array  # m_k|k, (n, N, q)
     factor: Array  # S_k|k, (n, N, N)
     c_factor: Array  # C_k S_k|k, (n, p, N)
-    residual: Array  # o_k − C_k m_k|k, (n, p, q)
-    terms: Array  # −½ vᵀU⁻¹v − (q/2) log|U|, (n,)
+    whitened_residual: Array  # o_k − C_k m_k|k, (n, p, q)
+    log_terms: Array  # −½ vᵀU⁻¹v − (q/2) log|U|, (n,)
     spread: Array  # ‖o_k‖ + ‖C_k S⁻_k‖, (n,): what the rounding of o and of the mean scales with
 
 
@@ -64,12 +64,12 @@ def _unit_pre_array(top, carried):
     return jnp.concatenate(rows, axis=-2)
 
 
-def _update(pred_mean, pred_factor, blocks, obs, layout):
+def _update(pred_mean, pred_factor, noise_roots, obs, layout):
     """The observation update of one point (batched): the fields of ``Filtered``."""
     p, q = obs.shape[-2:]
     big = pred_factor.shape[-1]
     dtype = obs.dtype
-    c_pred = _mm(blocks, read_values(pred_factor, layout, p))  # C S⁻, (p, N)
+    c_pred = _mm(noise_roots, read_values(pred_factor, layout, p))  # C S⁻, (p, N)
     batch = pred_factor.shape[:-2]
     eye = jnp.broadcast_to(jnp.eye(p, dtype=dtype), (*batch, p, p))
     carried = [(jnp.zeros((*batch, big, p), dtype), pred_factor), (eye, jnp.zeros((*batch, p, big), dtype))]
@@ -78,16 +78,16 @@ def _update(pred_mean, pred_factor, blocks, obs, layout):
     gain = post[..., p : p + big, :p]  # K̄ = S⁻ (C S⁻)ᵀ R⁻ᵀ
     factor = post[..., p : p + big, p:]
     c_factor = -post[..., p + big :, p:]
-    innovation = obs - _mm(blocks, read_values(pred_mean, layout, p))
+    innovation = obs - _mm(noise_roots, read_values(pred_mean, layout, p))
     # By substitution, not with the R⁻ᵀ the carried rows also hold: across a wide gap R is
     # large and v too, and R⁻ᵀ's absolute rounding times v cost the float32 value 1e-4.
     whitened = solve_lower(root, innovation)  # R⁻¹ v
     mean = pred_mean + _mm(gain, whitened)
-    residual = solve_lower_transposed(root, whitened)  # U⁻¹ v = o − C m⁺
+    whitened_residual = solve_lower_transposed(root, whitened)  # U⁻¹ v = o − C m⁺
     log_det = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(root, axis1=-2, axis2=-1))), axis=-1)
     term = -0.5 * jnp.sum(whitened * whitened, axis=(-2, -1)) - q * log_det
     spread = jnp.sqrt(jnp.sum(obs * obs, axis=(-2, -1))) + jnp.sqrt(jnp.sum(c_pred * c_pred, axis=(-2, -1)))
-    return mean, factor, c_factor, residual, term, spread
+    return mean, factor, c_factor, whitened_residual, term, spread
 
 
 def _predict(transition, noise_factor, mean, factor):
@@ -109,13 +109,13 @@ def filter_sequential(model, layout) -> Filtered:
     dtype = model.obs.dtype
 
     def step(carry, inputs):
-        transition, noise_factor, blocks, obs = inputs
+        transition, noise_factor, noise_roots, obs = inputs
         pred_mean, pred_factor = _predict(transition, noise_factor, *carry)
-        out = _update(pred_mean, pred_factor, blocks, obs, layout)
+        out = _update(pred_mean, pred_factor, noise_roots, obs, layout)
         return out[:2], rows(*out)
 
     init = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
-    inputs = (model.transition, model.noise_factor, model.blocks, model.obs)
+    inputs = (model.transition, model.process_noise_factor, model.noise_roots, model.obs)
     _, stacked = jax.lax.scan(step, init, inputs)
     return Filtered(*split(stacked, _filtered_shapes(model)))
 
@@ -166,7 +166,7 @@ def information_sequential(model, want_including: bool):
         return including, rows(*out)
 
     init = (jnp.zeros((big, big), dtype), jnp.zeros((big, q), dtype))
-    inputs = (shift_back(model.transition), shift_back(model.noise_factor), model.obs_matrix, model.obs)
+    inputs = (shift_back(model.transition), shift_back(model.process_noise_factor), model.obs_matrix, model.obs)
     _, stacked = jax.lax.scan(step, init, inputs, reverse=True)
     shapes = [(big, big), (big, q)] * (2 if want_including else 1)
     return split(stacked, shapes)
@@ -181,8 +181,8 @@ def _elements(model, layout):
     n, p, q = model.obs.shape
     big = model.transition.shape[-1]
     dtype = model.obs.dtype
-    a, noise_factor, blocks, obs = model.transition, model.noise_factor, model.blocks, model.obs
-    c_noise = _mm(blocks, read_values(noise_factor, layout, p))  # C L
+    a, noise_factor, noise_roots, obs = model.transition, model.process_noise_factor, model.noise_roots, model.obs
+    c_noise = _mm(noise_roots, read_values(noise_factor, layout, p))  # C L
     carried = [(jnp.zeros((n, big, p), dtype), noise_factor)]
     post = triangularize(_unit_pre_array(c_noise, carried), p, unit_pivots=True)
     root, gain, factor = post[:, :p, :p], post[:, p:, :p], post[:, p:, p:]  # R Rᵀ = I + C Q Cᵀ
@@ -221,10 +221,10 @@ def _combine(first, second):
 def filter_parallel(model, layout) -> Filtered:
     """The filtered moments by a prefix associative scan, then each point's update recomputed
     (vectorised) from its predecessor for the quantities of ``Filtered``."""
-    elements = jax.lax.optimization_barrier(_elements(model, layout))  # see gpgrad_jax._kalman
+    elements = jax.lax.optimization_barrier(_elements(model, layout))  # see the covariance form (covariance.py)
     _, filt_mean, filt_factor, _, _ = jax.lax.associative_scan(_combine, elements)
-    pred_mean, pred_factor = _predict(model.transition, model.noise_factor, shift_forward(filt_mean), shift_forward(filt_factor))
-    return Filtered(*_update(pred_mean, pred_factor, model.blocks, model.obs, layout))
+    pred_mean, pred_factor = _predict(model.transition, model.process_noise_factor, shift_forward(filt_mean), shift_forward(filt_factor))
+    return Filtered(*_update(pred_mean, pred_factor, model.noise_roots, model.obs, layout))
 
 
 def information_parallel(model, layout, want_including: bool):
@@ -266,16 +266,16 @@ def smooth(filtered: Filtered, model, layout, parallel: bool, want_adjoints: boo
     c_gain, c_factor = post[:, 2 * big :, :big], post[:, 2 * big :, big:]
     whitened = solve_lower(root, after_obs - _mm(after_root, filtered.mean))
     mean = filtered.mean + _mm(gain, whitened)
-    residual = filtered.residual - _mm(c_gain, whitened)
+    whitened_residual = filtered.whitened_residual - _mm(c_gain, whitened)
     nu = info_matrix = None
     if want_adjoints:
         nu, info_matrix = _adjoints(filtered, model, *info[2:])
-    return Smoothed(mean, residual, factor, factor, c_factor, nu, info_matrix)
+    return Smoothed(mean, whitened_residual, factor, factor, c_factor, nu, info_matrix)
 
 
 def _adjoints(filtered: Filtered, model, root_from, obs_from):
     pred_mean, pred_factor = _predict(
-        model.transition, model.noise_factor, shift_forward(filtered.mean), shift_forward(filtered.factor)
+        model.transition, model.process_noise_factor, shift_forward(filtered.mean), shift_forward(filtered.factor)
     )
     big = pred_factor.shape[-1]
     post = triangularize(_unit_pre_array(_mm(root_from, pred_factor), []), big, unit_pivots=True)

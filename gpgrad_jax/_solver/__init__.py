@@ -1,0 +1,1 @@
+"""The solvers: one module each (``base`` holds the protocol), the Markov family one folder."""
