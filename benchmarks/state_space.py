@@ -13,7 +13,10 @@ process as in ``benchmarks/run.py`` (whose helpers this script uses):
   dense solver's ``value_and_grad`` (``dense_closed``); on a GPU also ``parallel``
   (``solver="markov-parallel"``).
 * ``matern32_1d``: Matérn 3/2, isotropic noise, n = 10⁵ — ours against tinygp's quasiseparable
-  solver (``tinygp_value``, and ``tinygp_autodiff`` = its ``value_and_grad`` in ``x``).
+  solver (``tinygp_value``, and ``tinygp_autodiff`` = its ``value_and_grad`` in ``x``) and, on
+  the CPU, celerite2's C++ solver (``celerite2_value``, ``celerite2_vg`` = its jitted
+  ``value_and_grad`` in ``x``; Matérn 3/2 as the exact rank-2 term of
+  ``time_series.celerite2_matern32``, J = 2, where celerite2's gradient is right).
 * ``parallel_check``: ``"markov-parallel"`` against ``"markov"`` at n = 500 (correctness on CPU;
   compiling the associative scans is slow on XLA:CPU, 10–25 s).
 * ``forms``: the square-root form against the covariance form, value and ``value_and_grad`` in
@@ -113,7 +116,7 @@ def bench_matern(n, repeats, peers):
         "autodiff": _value_and_grad_x(_solver(plain_autodiff_value, "markov")),
     }
     checks = {}
-    if peers:
+    if "tinygp" in peers:
         import tinygp
         from tinygp.kernels.quasisep import Matern32
 
@@ -122,12 +125,26 @@ def bench_matern(n, repeats, peers):
 
         functions["tinygp_value"] = tinygp_lml
         functions["tinygp_autodiff"] = _value_and_grad_x(tinygp_lml)
+    if "celerite2" in peers:
+        import celerite2.jax
+        from time_series import celerite2_matern32
+
+        def celerite2_lml(_kernel, x_, y_, _noise):  # the peer's own kernel and noise, same values
+            gp = celerite2.jax.GaussianProcess(celerite2_matern32(1.0, 1.0), x_, diag=jnp.full_like(x_, sigma**2))
+            return gp.log_likelihood(y_)
+
+        functions["celerite2_value"] = celerite2_lml
+        functions["celerite2_vg"] = _value_and_grad_x(celerite2_lml)
     rows, outputs = _row(functions, args, repeats)
-    if peers:
-        # The precision-form L omits log|det S| = n log(1/σ): add it for the Gaussian density.
-        ours = float(outputs["value"]) + n * math.log(1.0 / sigma)
-        checks["value_vs_tinygp"] = abs(ours - float(outputs["tinygp_value"])) / abs(float(outputs["tinygp_value"]))
-        checks["gradient_vs_tinygp"] = _relative(outputs["closed"][1], outputs["tinygp_autodiff"][1])
+    # The precision-form L omits log|det S| = n log(1/σ): add it for the Gaussian density.
+    ours = float(outputs["value"]) + n * math.log(1.0 / sigma)
+    for peer, value, vg in (
+        ("tinygp", "tinygp_value", "tinygp_autodiff"),
+        ("celerite2", "celerite2_value", "celerite2_vg"),
+    ):
+        if peer in peers:
+            checks[f"value_vs_{peer}"] = abs(ours - float(outputs[value])) / abs(float(outputs[value]))
+            checks[f"gradient_vs_{peer}"] = _relative(outputs["closed"][1], outputs[vg][1])
     checks["gradient_vs_autodiff"] = _relative(outputs["closed"][1], outputs["autodiff"][1])
     return rows, checks
 
@@ -222,7 +239,10 @@ def run(args):
     sizes = [1000] if args.quick else [1000, 2000, 10_000, 100_000, 1_000_000]
     matern_n = 10_000 if args.quick else 100_000
     repeats = lambda n: 3 if args.quick or n >= 1_000_000 or n == 2000 else (5 if n >= 100_000 else args.repeats)  # noqa: E731
-    peers = [] if args.no_peers else [p for p in ("tinygp",) if _importable(p)]
+    peers = [] if args.no_peers else [p for p in ("tinygp", "celerite2") if _importable(p)]
+    if "celerite2" in peers and jax.default_backend() != "cpu":
+        print("peer celerite2 runs on the CPU only; skipped", flush=True)
+        peers.remove("celerite2")
     report = {"machine": machine_info(args.label), "curve_3d": [], "matern32_1d": None, "parallel_check": None}
     print(json.dumps(report["machine"], indent=1), flush=True)
     # At n = 500: at n = 2000, compiling the parallel solver's value_and_grad in this script
@@ -266,7 +286,11 @@ def run(args):
     }
     line = "  ".join(f"{k} {v['median_s'] * 1e3:.2f} ms" for k, v in rows.items())
     print(f"matern32_1d n={matern_n}  {line}  checks {checks}", flush=True)
-    if peers:
+    if "celerite2" in peers:
+        report["matern32_1d"]["closed_over_celerite2_vg"] = (
+            rows["closed"]["median_s"] / rows["celerite2_vg"]["median_s"]
+        )
+    if "tinygp" in peers:
         targets["closed_at_least_10x_faster_than_tinygp_autodiff"] = (
             rows["tinygp_autodiff"]["median_s"] >= 10.0 * rows["closed"]["median_s"]
         )
@@ -325,7 +349,7 @@ def plot(report, path):
     matern = report["matern32_1d"]
     names = list(matern["series"])
     times = [matern["series"][k]["median_s"] * 1e3 for k in names]
-    bars = right.bar(range(len(names)), times, color=["C0", "C1", "C2", "C4", "C5"][: len(names)])
+    bars = right.bar(range(len(names)), times, color=["C0", "C1", "C2", "C4", "C5", "C6", "C7"][: len(names)])
     right.set_yscale("log")
     right.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
     right.set_ylabel("median time [ms]")

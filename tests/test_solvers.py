@@ -90,7 +90,7 @@ def _rule_and_plain(solver, kernel, x, y, nz, mean):
     return rule(kernel, x, y, nz, mean), plain(kernel, x, y, nz, mean)
 
 
-@pytest.mark.parametrize("solver", solver_params())
+@pytest.mark.parametrize("solver", solver_params(fast=("dense",), float32=("dense",)))
 @settings(max_examples=min(2, settings.default.max_examples))
 @given(seed=seeds)
 def test_the_rule_equals_autodiff_of_the_solvers_own_forward_pass(solver, seed, rtol):
@@ -110,8 +110,8 @@ def test_the_rule_equals_autodiff_of_the_solvers_own_forward_pass(solver, seed, 
     assert_trees_close(rule, plain, 10 * rtol, f"{solver}: rule against autodiff of its forward pass")
 
 
-@pytest.mark.parametrize("solver", solver_params(float32=("dense", "markov")))
-@pytest.mark.parametrize("kernel_name", ["scaled_sum", "quasi_periodic"])
+@pytest.mark.parametrize("solver", solver_params(fast=("markov",), float32=("markov",)))
+@pytest.mark.parametrize("kernel_name", ["quasi_periodic", pytest.param("scaled_sum", marks=pytest.mark.slow)])
 def test_predict_equals_the_dense_posterior(solver, kernel_name, rtol):
     """Posterior mean and variance at new indices between, on and beyond the data, for three
     kinds of noise — and the full covariance (every solver has one: the protocol's default is
@@ -126,7 +126,7 @@ def test_predict_equals_the_dense_posterior(solver, kernel_name, rtol):
     assert_trees_close(full, gg.predict(kernel, x, y, nz, x_new, mean=mean, full_covariance=True, solver="dense"), 10 * rtol)
 
 
-@pytest.mark.parametrize("solver", solver_params(float32=()))
+@pytest.mark.parametrize("solver", solver_params(fast=("markov",), float32=()))
 def test_draws_have_the_posterior_moments(solver, x64):
     """4000 draws through the solver's ``sample`` (pathwise on the Markov path; the symmetric root
     of the covariance by default): mean and spread match the dense posterior's to the Monte-Carlo

@@ -10,6 +10,7 @@ state-space model over the sorted scalar indices. The folder, one concept per mo
 * ``forms`` — which form and which scan (``Scheme``), and the square-root form's derivatives;
 * ``rule`` — the value and its closed-form ``custom_vjp``;
 * ``posterior`` — marginals at new indices and draws;
+* ``native`` — the covariance form's sequential passes as C++ custom calls (``csrc/``);
 * ``diagnostics`` — non-finite results and float32's rounding estimate.
 """
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 
 from gpgrad_jax._noise import BlockDiagonal
 from gpgrad_jax._solver.base import Inapplicable, Solver
-from gpgrad_jax._solver.markov import diagnostics, posterior, rule
+from gpgrad_jax._solver.markov import diagnostics, native, posterior, rule
 from gpgrad_jax._solver.markov.blocks import NoStateSpaceForm, model_blocks
 from gpgrad_jax._solver.markov.forms import Scheme, default_square_root
 
@@ -52,6 +53,10 @@ class Markov(Solver):
             (their factors, combined by QR; what float32 needs) or ``None`` — by the dtype:
             square roots below float64.
         parallel: associative scans of O(log n) depth (for GPUs) instead of sequential scans.
+        native: run the covariance form's sequential recursions as native passes on the CPU
+            (C++ built at install, one custom call per pass); ``None`` (default): where built,
+            else the JAX scans after a one-time warning; ``False``: the JAX scans (the
+            reference). Other forms, scans and platforms always run JAX.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -67,12 +72,17 @@ class Markov(Solver):
 
     form: str | None = None
     parallel: bool = False
+    native: bool | None = None
 
     def __post_init__(self):
         if self.form not in (None, *FORMS):
             raise ValueError(f"`form` must be None, 'covariance' or 'square-root', got {self.form!r}")
         if not isinstance(self.parallel, bool):
             raise TypeError(f"`parallel` must be a bool, got {self.parallel!r}")
+        if self.native is not None and not isinstance(self.native, bool):
+            raise TypeError(f"`native` must be None or a bool, got {self.native!r}")
+        if self.native and not native.available():
+            raise ValueError(f"`native=True`: {native.MISSING}")
 
     @property
     def name(self) -> str:
@@ -81,7 +91,8 @@ class Markov(Solver):
     def scheme(self, dtype) -> Scheme:
         """The scheme the solver runs in ``dtype``."""
         square_root = default_square_root(dtype) if self.form is None else self.form == "square-root"
-        return Scheme(square_root=square_root, parallel=self.parallel)
+        runs_native = self.native is not False and not square_root and not self.parallel and native.applies(dtype)
+        return Scheme(square_root=square_root, parallel=self.parallel, native=runs_native)
 
     def prepare(self, problem) -> Prepared:
         kernel, noise, x, r = problem

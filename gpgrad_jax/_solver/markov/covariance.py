@@ -9,8 +9,9 @@ rank-deficient or zero blocks are fine, ``P`` and ``Q`` are never inverted),
 ``∂L/∂P⁻_k = ½(ν_kν_kᵀ − q N_k)`` obey the backward recursion
 ``ν_k = Cᵀ U⁻¹ v + E_k ν_{k+1}``, ``N_k = Cᵀ U⁻¹ C + E_k N_{k+1} E_kᵀ`` with
 ``E_k = (I − K_k C_k)ᵀ A_{k+1}ᵀ`` and give the smoothed marginals — again with no inverse of
-``P`` or ``Q``. Both recursions run as ``lax.scan`` (``"markov"``) or as associative scans of
-O(log n) depth (``"markov-parallel"``).
+``P`` or ``Q``. Both recursions run as one native pass each on the CPU (``native``), as
+``lax.scan`` (``"markov"`` elsewhere, and the reference) or as associative scans of O(log n)
+depth (``"markov-parallel"``).
 
 Exact in float64; in float32 the differences of covariances it forms (``P⁺ = P⁻ − K U Kᵀ``,
 smoothed ``P − P Λ̂ P``) lose what the large precisions of small noise amplify — the
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import solve, spd_inverse_and_logdet
 from gpgrad_jax._smallmatrix import transpose as _t
+from gpgrad_jax._solver.markov import native
 from gpgrad_jax._solver.markov.model import Model, Smoothed, rows, shift_back, shift_forward, split
 
 Array = Any
@@ -55,10 +57,16 @@ def _update(mean, cov, obs_matrix, obs):
     return new_mean, new_cov, term
 
 
-def filter_sequential(model: Model) -> Filtered:
-    _, big, _ = model.transition.shape
-    q = model.obs.shape[-1]
-    dtype = model.transition.dtype
+def filter_sequential(model: Model, native: bool = False) -> Filtered:
+    """The filter as one sequential pass: the native custom call (``native``) or a ``lax.scan``."""
+    args = (model.transition, model.process_noise, model.obs_matrix, model.obs)
+    return Filtered(*(_filter_native(*args) if native else _filter_scan(*args)))
+
+
+def _filter_scan(transition, process_noise, obs_matrix, obs):
+    _, big, _ = transition.shape
+    q = obs.shape[-1]
+    dtype = transition.dtype
 
     def step(carry, inputs):
         mean, cov = carry
@@ -69,10 +77,21 @@ def filter_sequential(model: Model) -> Filtered:
         return (mean, cov), rows(pred_mean, pred_cov, term)
 
     init = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
-    xs = (model.transition, model.process_noise, model.obs_matrix, model.obs)
+    xs = (transition, process_noise, obs_matrix, obs)
     _, stacked = jax.lax.scan(step, init, xs)
     mean, cov, terms = split(stacked, [(big, q), (big, big), ()])
-    return Filtered(mean, cov, terms)
+    return mean, cov, terms
+
+
+@jax.custom_jvp
+def _filter_native(*args):
+    return jax.lax.platform_dependent(*args, cpu=native.filter_call, default=_filter_scan)
+
+
+@_filter_native.defjvp
+def _filter_native_jvp(primals, tangents):
+    # Derivatives of the native pass are the JAX scan's (any order): the scan is the reference.
+    return jax.jvp(_filter_scan, primals, tangents)
 
 
 def filter_parallel(model: Model) -> Filtered:
@@ -129,19 +148,17 @@ class _Update(NamedTuple):
     residual_map: Array  # I − K_k C_k, (n, N, N)
 
 
-def _updates(filtered: Filtered, model: Model) -> _Update:
-    c, cov = model.obs_matrix, filtered.predicted_cov
-    pc = _mm(cov, _t(c))
-    u_inv, _ = spd_inverse_and_logdet(jnp.eye(c.shape[-2], dtype=cov.dtype) + _mm(c, pc))
+def _updates(c, obs, pred_mean, pred_cov) -> _Update:
+    pc = _mm(pred_cov, _t(c))
+    u_inv, _ = spd_inverse_and_logdet(jnp.eye(c.shape[-2], dtype=pred_cov.dtype) + _mm(c, pc))
     gain = _mm(pc, u_inv)
-    residual_map = jnp.eye(cov.shape[-1], dtype=cov.dtype) - _mm(gain, c)
-    return _Update(u_inv, model.obs - _mm(c, filtered.predicted_mean), gain, residual_map)
+    residual_map = jnp.eye(pred_cov.shape[-1], dtype=pred_cov.dtype) - _mm(gain, c)
+    return _Update(u_inv, obs - _mm(c, pred_mean), gain, residual_map)
 
 
-def _backward_elements(update: _Update, model: Model):
+def _backward_elements(update: _Update, transition, c):
     """``E_k``, ``c_k = CᵀU⁻¹v`` and ``D_k = CᵀU⁻¹C`` of the adjoint recursion."""
-    c = model.obs_matrix
-    e = _mm(_t(update.residual_map), _t(shift_back(model.transition)))
+    e = _mm(_t(update.residual_map), _t(shift_back(transition)))
     ct_uinv = _mm(_t(c), update.u_inv)
     return e, _mm(ct_uinv, update.innovation), _mm(ct_uinv, c)
 
@@ -176,26 +193,47 @@ def _adjoints_parallel(e, c, d):
     return nu, info
 
 
-def smooth(filtered: Filtered, model: Model, parallel: bool) -> Smoothed:
+def _smooth_scan(transition, c, obs, pred_mean, pred_cov, parallel=False):
+    """``(ν, N, m_k|k, P_k|k, E[s_k|y], Cov(s_k|y))`` by JAX: the update recomputed vectorised,
+    the adjoint recursion as a scan, the moments vectorised (see ``smooth``)."""
+    update = _updates(c, obs, pred_mean, pred_cov)
+    e, c_vec, d = _backward_elements(update, transition, c)
+    nu, info = (_adjoints_parallel if parallel else _adjoints_sequential)(e, c_vec, d)
+    gain, residual_map = update.gain, update.residual_map
+    filt_mean = pred_mean + _mm(gain, update.innovation)
+    filt_cov = _mm(_mm(residual_map, pred_cov), _t(residual_map)) + _mm(gain, _t(gain))
+    next_transition = shift_back(transition)
+    later_mean = _mm(_t(next_transition), shift_back(nu))
+    later_info = _mm(_mm(_t(next_transition), shift_back(info)), next_transition)
+    mean = filt_mean + _mm(filt_cov, later_mean)
+    cov = filt_cov - _mm(_mm(filt_cov, later_info), filt_cov)
+    return nu, info, filt_mean, filt_cov, mean, 0.5 * (cov + _t(cov))
+
+
+@jax.custom_jvp
+def _smooth_native(*args):
+    # The whole backward pass — update, adjoints, moments — as one native loop over the points.
+    return jax.lax.platform_dependent(*args, cpu=native.smooth_call, default=_smooth_scan)
+
+
+@_smooth_native.defjvp
+def _smooth_native_jvp(primals, tangents):
+    return jax.jvp(_smooth_scan, primals, tangents)
+
+
+def smooth(filtered: Filtered, model: Model, parallel: bool, native: bool = False) -> Smoothed:
     """Smoothed marginals from the filtered ones: ``m_k|k + P_k|k λ̂_k`` and
     ``P_k|k − P_k|k Λ̂_k P_k|k`` with ``λ̂_k = A_{k+1}ᵀ ν_{k+1}``, ``Λ̂_k = A_{k+1}ᵀ N_{k+1} A_{k+1}``.
 
     The same moments as ``m⁻ + P⁻ν`` and ``P⁻ − P⁻NP⁻``, but a difference of *filtered*
     covariances (Joseph form, small where the data pin the curve) instead of predicted ones
-    (large across a wide gap). Only the adjoint recursion is a scan; the rest is vectorised
-    over the points.
+    (large across a wide gap). By JAX only the adjoint recursion is a scan, the rest vectorised
+    over the points; the native pass (``native``) runs all of it in one loop.
     """
-    update = _updates(filtered, model)
-    e, c, d = _backward_elements(update, model)
-    nu, info = (_adjoints_parallel if parallel else _adjoints_sequential)(e, c, d)
-    gain, residual_map = update.gain, update.residual_map
-    filt_mean = filtered.predicted_mean + _mm(gain, update.innovation)
-    filt_cov = _mm(_mm(residual_map, filtered.predicted_cov), _t(residual_map)) + _mm(gain, _t(gain))
-    next_transition = shift_back(model.transition)
-    later_mean = _mm(_t(next_transition), shift_back(nu))
-    later_info = _mm(_mm(_t(next_transition), shift_back(info)), next_transition)
-    mean = filt_mean + _mm(filt_cov, later_mean)
-    cov = filt_cov - _mm(_mm(filt_cov, later_info), filt_cov)
-    cov = 0.5 * (cov + _t(cov))
+    args = (model.transition, model.obs_matrix, model.obs, filtered.predicted_mean, filtered.predicted_cov)
+    if native and not parallel:
+        nu, info, filt_mean, filt_cov, mean, cov = _smooth_native(*args)
+    else:
+        nu, info, filt_mean, filt_cov, mean, cov = _smooth_scan(*args, parallel=parallel)
     whitened_residual = model.obs - _mm(model.obs_matrix, mean)
     return Smoothed(mean, whitened_residual, cov, None, None, nu, info, filt_mean, filt_cov)

@@ -30,10 +30,12 @@ from gpgrad_jax._solver.markov import covariance, square_root
 
 
 class Scheme(NamedTuple):
-    """The form and the scan of the Markov recursions (static)."""
+    """The form and the scan of the Markov recursions (static); ``native``: the sequential
+    recursions of the covariance form as native passes (``native.py``) on the CPU."""
 
     square_root: bool
     parallel: bool
+    native: bool = False
 
     def in_covariances(self) -> Scheme:
         return self._replace(square_root=False)
@@ -49,14 +51,16 @@ def filter_pass(model, layout, scheme: Scheme):
     per-point likelihood terms."""
     if scheme.square_root:
         return (square_root.filter_parallel if scheme.parallel else square_root.filter_sequential)(model, layout)
-    return (covariance.filter_parallel if scheme.parallel else covariance.filter_sequential)(model)
+    if scheme.parallel:
+        return covariance.filter_parallel(model)
+    return covariance.filter_sequential(model, scheme.native)
 
 
 def smooth(filtered, model, layout, scheme: Scheme, want_adjoints: bool):
     """The smoothed marginals (and, where asked, the adjoints ``ν_k``, ``N_k``)."""
     if scheme.square_root:
         return square_root.smooth(filtered, model, layout, scheme.parallel, want_adjoints)
-    return covariance.smooth(filtered, model, scheme.parallel)
+    return covariance.smooth(filtered, model, scheme.parallel, scheme.native)
 
 
 def filtered_moments(filtered, smoothed, scheme: Scheme):
