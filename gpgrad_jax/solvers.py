@@ -24,7 +24,7 @@ Examples:
     >>> x = jnp.linspace(0.0, 5.0, 40)
     >>> args = (kernels.Matern32(1.0, 1.0), x, jnp.sin(x), noise.Isotropic(0.1))
     >>> a = gg.log_marginal_likelihood(*args, solver="markov")
-    >>> b = gg.log_marginal_likelihood(*args, solver=gg.solvers.Markov(form="square-root", parallel=True))
+    >>> b = gg.log_marginal_likelihood(*args, solver=gg.solvers.Markov(form="square-root"))
     >>> bool(jnp.allclose(a, b))
     True
     >>> sorted(gg.solvers.names())

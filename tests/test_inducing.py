@@ -209,7 +209,8 @@ def test_no_n_by_n_array_and_linear_memory():
         assert any(n in s and m in s for s in shapes)  # the n × m cross-covariance is there
 
 
-@pytest.mark.parametrize("noise_kind", ["isotropic", "per_point_rank_deficient"] if FULL else ["per_point_rank_deficient"])
+@pytest.mark.slow  # compiles the blocked scan with its remainder: ~9 s
+@pytest.mark.parametrize("noise_kind", ["isotropic", "per_point_rank_deficient"])
 def test_blocked_backward_pass_equals_the_reference(noise_kind, rtol):
     """The rule runs over blocks of points (a scan and a remainder): with blocks of 10 points,
     61 points take six full blocks and one of a single point; every cotangent still equals the

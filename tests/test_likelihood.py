@@ -186,7 +186,11 @@ def test_second_derivatives_equal_reference_hessian(x64):
         jax.jvp(f, (x,), (jnp.ones_like(x),))
 
 
-@pytest.mark.parametrize("solver, index_dim", [("dense", None), ("dense", 2), ("markov", None)])
+@pytest.mark.parametrize(
+    "solver, index_dim",
+    # the Markov solver's second order (the JAX scans' derivatives) compiles for ~10 s: full profile
+    [("dense", None), ("dense", 2), pytest.param("markov", None, marks=pytest.mark.slow)],
+)
 def test_index_hessian_in_blocks_equals_jax_hessian(solver, index_dim, x64):
     """``gg.index_hessian`` (Hessian-vector products, a few directions at a time) is
     ``jax.hessian`` of the log density, for scalar and 2-D indices, any block size."""

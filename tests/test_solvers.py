@@ -36,8 +36,8 @@ from gpgrad_jax import kernels, noise, state_space
 ALL_ARGS = (0, 1, 2, 3, 4)  # kernel, x, y, noise, mean
 
 # The kernels whose blocks differ in float32 (SHO's series factor, product blocks, Matérn 1/2's)
-# and the Markov kernels run in the fast profile's float32 pass.
-_FLOAT32_KERNELS = (*MARKOV_KERNELS, "matern12", "sho", "quasi_periodic")
+# and the curve kernels run in the fast profile's float32 pass (the full profile's: all of them).
+_FLOAT32_KERNELS = ("curve", "scaled_sum", "matern12", "sho", "quasi_periodic")
 
 
 def _contract_cases(solvers):
