@@ -9,8 +9,8 @@
     the four-device sharding run) deselected; the float32 pass takes only the tests marked
     ``float32`` — where float32 can break: closed form against autodiff, the filter's precision,
     conditioning errors, overflow.
-  - ``full`` (``.ci/run`` runs it after the fast one): 12 examples per property, every test, in
-    both precisions.
+  - ``full`` (``.ci/run`` runs it after the fast one): 12 examples per property, every test;
+    ``.ci/run`` runs all of them in float64 and the ``float32`` ones in float32.
 
   ``HYPOTHESIS_PROFILE=thorough`` gives 200 examples per property in either.
 * Hypothesis: deterministic (derandomised), no deadline (the first call of a shape compiles).

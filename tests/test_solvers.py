@@ -38,6 +38,8 @@ ALL_ARGS = (0, 1, 2, 3, 4)  # kernel, x, y, noise, mean
 # The kernels whose blocks differ in float32 (SHO's series factor, product blocks, Matérn 1/2's)
 # and the curve kernels run in the fast profile's float32 pass (the full profile's: all of them).
 _FLOAT32_KERNELS = ("curve", "scaled_sum", "matern12", "sho", "quasi_periodic")
+# The parallel square-root scans in float32 (full profile): ~20 s of compilation per case.
+_FLOAT32_PARALLEL_KERNELS = ("curve", "scaled_sum", "matern52", "matern12", "sho", "quasi_periodic")
 
 
 def _contract_cases(solvers):
@@ -54,15 +56,17 @@ def _contract_cases(solvers):
             else:
                 slow = solver in SLOW_SOLVERS or kernel_name not in MARKOV_KERNELS
             marks = [pytest.mark.slow] if slow else []
-            if solver == "markov" and kernel_name in _FLOAT32_KERNELS:
+            if (solver == "markov-parallel" and kernel_name in _FLOAT32_PARALLEL_KERNELS) or (
+                solver == "markov" and (FULL or kernel_name in _FLOAT32_KERNELS)
+            ):
                 marks.append(pytest.mark.float32)
             cases.append(pytest.param(solver, kernel_name, noise_kind, marks=marks))
     return cases
 
 
 def _check(solver, kernel_name, noise_kind, seed, dim, rtol, x64):
-    if not x64 and solver != "markov":
-        pytest.skip("in float32 'markov' is the square-root form; the forced forms are checked in float64")
+    if not x64 and solver.endswith("square-root"):
+        pytest.skip("in float32 the default form is the square-root form; the forced one is checked in float64")
     check_against_dense(SOLVERS[solver], state_space_problem(kernel_name, noise_kind, seed, dim), rtol)
 
 
