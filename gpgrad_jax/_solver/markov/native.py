@@ -32,8 +32,8 @@ _SUFFIX = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float64): "F64"}
 
 MISSING = (
     "gpgrad_jax's native part (the Markov solvers' C++ recursions) is not built: the Markov "
-    "solvers run their JAX scans, several times slower on the CPU. Reinstall with a C++ "
-    "compiler present (pip install -e . from the source tree) to build it."
+    "solvers run their JAX scans, slower on the CPU (see the performance page). Reinstall with a "
+    "C++ compiler present (pip install -e . from the source tree) to build it."
 )
 
 
