@@ -22,7 +22,8 @@ def _blocks(path):
         return [block for block in BLOCK.findall(file.read()) if block.startswith("import ")]
 
 
-SNIPPETS = [(path, index, block) for path in ("README.md", "docs/recipes.md") for index, block in enumerate(_blocks(path))]
+DOCUMENTS = ("README.md", "docs/recipes.md", "docs/architecture.md")
+SNIPPETS = [(path, index, block) for path in DOCUMENTS for index, block in enumerate(_blocks(path))]
 
 
 def _run(code, x64):
@@ -61,3 +62,4 @@ def test_every_document_has_runnable_blocks():
     """The extraction itself: the README's custom-kernel block and both recipes are found."""
     assert any(_custom_kernel(s) for s in SNIPPETS)
     assert sum(path == "docs/recipes.md" for path, _, _ in SNIPPETS) == 2
+    assert sum(path == "docs/architecture.md" for path, _, _ in SNIPPETS) == 1
