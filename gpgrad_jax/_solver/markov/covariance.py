@@ -83,15 +83,7 @@ def _filter_scan(transition, process_noise, obs_matrix, obs):
     return mean, cov, terms
 
 
-@jax.custom_jvp
-def _filter_native(*args):
-    return jax.lax.platform_dependent(*args, cpu=native.filter_call, default=_filter_scan)
-
-
-@_filter_native.defjvp
-def _filter_native_jvp(primals, tangents):
-    # Derivatives of the native pass are the JAX scan's (any order): the scan is the reference.
-    return jax.jvp(_filter_scan, primals, tangents)
+_filter_native = native.with_reference(native.filter_call, _filter_scan)
 
 
 def filter_parallel(model: Model) -> Filtered:
@@ -210,15 +202,8 @@ def _smooth_scan(transition, c, obs, pred_mean, pred_cov, parallel=False):
     return nu, info, filt_mean, filt_cov, mean, 0.5 * (cov + _t(cov))
 
 
-@jax.custom_jvp
-def _smooth_native(*args):
-    # The whole backward pass — update, adjoints, moments — as one native loop over the points.
-    return jax.lax.platform_dependent(*args, cpu=native.smooth_call, default=_smooth_scan)
-
-
-@_smooth_native.defjvp
-def _smooth_native_jvp(primals, tangents):
-    return jax.jvp(_smooth_scan, primals, tangents)
+# The whole backward pass — update, adjoints, moments — as one native loop over the points.
+_smooth_native = native.with_reference(native.smooth_call, _smooth_scan)
 
 
 def smooth(filtered: Filtered, model: Model, parallel: bool, native: bool = False) -> Smoothed:

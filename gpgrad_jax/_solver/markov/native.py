@@ -68,6 +68,18 @@ def applies(dtype) -> bool:
     return True
 
 
+def with_reference(call, reference):
+    """``call`` (a native pass) on the CPU and ``reference`` (its JAX scan) on other platforms,
+    with the reference's derivatives at any order: the scan is the reference."""
+
+    @jax.custom_jvp
+    def run(*args):
+        return jax.lax.platform_dependent(*args, cpu=call, default=reference)
+
+    run.defjvp(lambda primals, tangents: jax.jvp(reference, primals, tangents))
+    return run
+
+
 def filter_call(a, noise, c, o):
     """``(m⁻, P⁻, log terms)`` of the covariance filter (see ``covariance.filter_sequential``)."""
     n, big, q = a.shape[-3], a.shape[-1], o.shape[-1]
