@@ -8,8 +8,11 @@ registers its handlers for the CPU on first use. Where it is missing — no C++ 
 time — the solvers run the JAX scans, after a one-time warning; on other platforms
 (``lax.platform_dependent``) the JAX scans always run.
 
-The calls are single-threaded and take leading batch axes (``vmap``: ``broadcast_all``) as a
-loop. Their derivatives, where anything differentiates them (second order, the plain-autodiff
+The calls are single-threaded and take leading batch axes (``vmap`` of the pass broadcasts every
+operand to the batch) as a loop. Each call carries a sharding rule (``sdy.sharding_rule``, or
+GSPMD's ``num_batch_dims``): its batch axes may be sharded over devices, each device running its
+own problems, while a problem's own axes (points, states) stay whole — without the rule XLA's
+partitioner would gather a sharded batch onto every device. Their derivatives, where anything differentiates them (second order, the plain-autodiff
 baseline), are those of the JAX scans (``covariance.py``): the JAX scans are the reference.
 """
 
@@ -21,6 +24,10 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.extend.mlir import ir
+from jax.interpreters import batching, mlir
 
 from gpgrad_jax._diagnostics import warn_once
 
@@ -49,6 +56,7 @@ def available() -> bool:
             jax.ffi.register_ffi_target(
                 _target(stem, suffix), jax.ffi.pycapsule(getattr(library, symbol + suffix)), platform="cpu"
             )
+            jax.ffi.register_ffi_target_as_batch_partitionable(_target(stem, suffix))
     return True
 
 
@@ -80,6 +88,79 @@ def with_reference(call, reference):
     return run
 
 
+_pass_p = Primitive("gpgrad_jax_native_pass")
+_pass_p.multiple_results = True
+
+
+def _native_pass(target: str, results, *operands):
+    """Bind one native pass: ``results`` are ``jax.ShapeDtypeStruct``s whose shapes hold the same
+    leading batch axes as every operand's."""
+    results = tuple((tuple(r.shape), jnp.dtype(r.dtype).name) for r in results)
+    ranks = tuple(np.ndim(o) for o in operands)
+    return tuple(_pass_p.bind(*operands, target=target, results=results, ranks=ranks))
+
+
+def _abstract_eval(*avals, target, results, ranks):
+    del avals, target, ranks
+    return [jax.core.ShapedArray(shape, jnp.dtype(dtype)) for shape, dtype in results]
+
+
+def _batch(args, dims, *, target, results, ranks):
+    """A ``vmap``ped pass is the same pass with one more leading batch axis on every operand."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [
+        jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+        for a, d in zip(args, dims)
+    ]
+    results = tuple(((size, *shape), dtype) for shape, dtype in results)
+    outs = _pass_p.bind(*args, target=target, results=results, ranks=ranks)
+    return outs, [0] * len(outs)
+
+
+def _factor(index: int) -> str:
+    # Shardy's factor names: i … z, then z_1, z_2, …
+    return "ijklmnopqrstuvwxyz"[index] if index < 18 else f"z_{index - 17}"
+
+
+def _sharding_rule(batch: tuple[int, ...], shapes) -> str:
+    """Shardy's rule for a pass: the leading ``batch`` axes are factors shared by every operand
+    and result; every other axis is its own factor that must stay whole (``need_replication``)."""
+    sizes = [*batch]
+    own = []
+
+    def mapping(shape):
+        names = [_factor(i) for i in range(len(batch))]
+        for size in shape[len(batch) :]:
+            own.append(len(sizes))
+            names.append(_factor(len(sizes)))
+            sizes.append(size)
+        return "[" + ", ".join(names) + "]"
+
+    operands, outputs = shapes
+    left = ", ".join(mapping(s) for s in operands)
+    right = ", ".join(mapping(s) for s in outputs)
+    factors = ", ".join(f"{_factor(i)}={size}" for i, size in enumerate(sizes))
+    replicated = f" need_replication={{{', '.join(_factor(i) for i in own)}}}" if own else ""
+    return f"#sdy.op_sharding_rule<({left})->({right}) {{{factors}}}{replicated}, custom>"
+
+
+def _lower(ctx, *operands, target, results, ranks):
+    batch = tuple(ctx.avals_in[0].shape[: ctx.avals_in[0].ndim - ranks[0]])
+    # XLA partitions a custom call over its leading ``num_batch_dims`` axes (as it does jaxlib's
+    # LAPACK calls); Shardy's rule carries the batch sharding through propagation.
+    attributes = {"mhlo.frontend_attributes": ir.DictAttr.get({"num_batch_dims": ir.StringAttr.get(str(len(batch)))})}
+    if jax.config.jax_use_shardy_partitioner:
+        shapes = ([a.shape for a in ctx.avals_in], [a.shape for a in ctx.avals_out])
+        attributes["sdy.sharding_rule"] = ir.Attribute.parse(_sharding_rule(batch, shapes))
+    return jax.ffi.ffi_lowering(target, extra_attributes=attributes)(ctx, *operands)
+
+
+_pass_p.def_abstract_eval(_abstract_eval)
+_pass_p.def_impl(lambda *args, **params: jax.jit(functools.partial(_pass_p.bind, **params))(*args))
+batching.primitive_batchers[_pass_p] = _batch
+mlir.register_lowering(_pass_p, _lower, platform="cpu")
+
+
 def filter_call(a, noise, c, o):
     """``(m⁻, P⁻, log terms)`` of the covariance filter (see ``covariance.filter_sequential``)."""
     n, big, q = a.shape[-3], a.shape[-1], o.shape[-1]
@@ -89,8 +170,7 @@ def filter_call(a, noise, c, o):
         jax.ShapeDtypeStruct((*batch, n, big, big), a.dtype),
         jax.ShapeDtypeStruct((*batch, n), a.dtype),
     )
-    call = jax.ffi.ffi_call(_target("filter", _SUFFIX[jnp.dtype(a.dtype)]), out, vmap_method="broadcast_all")
-    return call(a, noise, c, o)
+    return _native_pass(_target("filter", _SUFFIX[jnp.dtype(a.dtype)]), out, a, noise, c, o)
 
 
 def smooth_call(a, c, o, pred_mean, pred_cov):
@@ -100,5 +180,4 @@ def smooth_call(a, c, o, pred_mean, pred_cov):
     batch = a.shape[:-3]
     vector = jax.ShapeDtypeStruct((*batch, n, big, q), a.dtype)
     matrix = jax.ShapeDtypeStruct((*batch, n, big, big), a.dtype)
-    call = jax.ffi.ffi_call(_target("smooth", _SUFFIX[jnp.dtype(a.dtype)]), (vector, matrix) * 3, vmap_method="broadcast_all")
-    return call(a, c, o, pred_mean, pred_cov)
+    return _native_pass(_target("smooth", _SUFFIX[jnp.dtype(a.dtype)]), (vector, matrix) * 3, a, c, o, pred_mean, pred_cov)
