@@ -288,6 +288,8 @@ def inducing_bound(
     *,
     jitter: float | None = None,
     points_per_block: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    axis: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Titsias' collapsed lower bound on the log marginal likelihood, with ``m`` inducing inputs.
 
@@ -336,6 +338,10 @@ def inducing_bound(
             ``gpgrad_jax/_solver/inducing.py`` has numbers): in float32, spread them out.
         points_per_block: points per block of the backward pass (``None``: its per-pair arrays
             hold about 10⁵ entries, in cache); a memory knob, the result is the same.
+        mesh, axis: one problem over many devices and hosts — the points split along the axis
+            ``axis`` of the ``jax.sharding.Mesh`` ``mesh``, the sums over points reduced across
+            it ([``solvers.Inducing``][gpgrad_jax.solvers.Inducing] has the details; the docs'
+            "Scaling out" page the recipes). The result is the one-device bound.
 
     Returns:
         The scalar bound.
@@ -354,7 +360,7 @@ def inducing_bound(
         ((200,), (12,))
     """
     problem, _ = prepare(kernel, x, y, noise, mean)
-    bound = solvers.Inducing(inducing, jitter, points_per_block)
+    bound = solvers.Inducing(inducing, jitter, points_per_block, mesh, axis)
     value = call(bound.log_likelihood, bound.prepare(problem))
     check_finite_output(value)
     return value + noise_log_density_correction(problem.noise, *problem.r.shape)

@@ -71,9 +71,14 @@ class Blocks(NamedTuple):
     columns: int  # q
 
 
-def noise_blocks(noise, n, dim) -> Blocks:
-    root, q = noise.observation_blocks(n, dim)
+def noise_blocks(root, q) -> Blocks:
     return Blocks(root, jnp.einsum("iab,iac->ibc", root, root), q)
+
+
+def _over_points(value, axis):
+    """``Σ_i`` over every point: the sum over this device's points, then over ``axis`` (the
+    mesh axis the points are split along, inside ``shard_map``; ``None``: all points are here)."""
+    return value if axis is None else jax.lax.psum(value, axis)
 
 
 class Bound(NamedTuple):
@@ -93,40 +98,61 @@ def _jittered_gram(kernel, z, jitter):
     return kzz + eps * jnp.eye(z.shape[0], dtype=kzz.dtype)
 
 
-def _posterior_precision(a, precision):
-    """``B = I + Σ_i a_i a_iᵀ ⊗ Λ_i`` as ``(mp, mp)``."""
+def _posterior_precision(a, precision, with_identity=True):
+    """``B = I + Σ_i a_i a_iᵀ ⊗ Λ_i`` as ``(mp, mp)`` (without ``I``: the sum alone)."""
     m = a.shape[0]
     p = precision.shape[-1]
     if p == 1:  # the isotropic case: one m × m product
         core = (a * precision[:, 0, 0]) @ a.T
     else:
         core = jnp.einsum("ji,iab,li->jalb", a, precision, a).reshape(m * p, m * p)
-    return core + jnp.eye(m * p, dtype=a.dtype)
+    return core + jnp.eye(m * p, dtype=a.dtype) if with_identity else core
 
 
-def bound(kernel, noise, x, z, r, jitter) -> Bound:
-    """The forward pass: ``F_L`` in O(n m² p²) time and O(n m) memory."""
+def bound(kernel, root, q, x, z, r, jitter, axis=None, n_total=None) -> Bound:
+    """The forward pass: ``F_L`` in O(n m² p²) time and O(n m) memory, from the noise roots
+    ``B_i`` (``root``, ``(n, p, p)``, shared by ``q`` columns).
+
+    ``axis``: run inside ``shard_map`` on this device's points (``n_total`` of them in all), the
+    four sums over points reduced across the mesh axis; ``A`` and ``k(x_i, x_i)`` stay with their
+    points, everything ``m × m`` is the same on every device.
+    """
     n, dim = r.shape
+    n_total = n if n_total is None else n_total
     m = z.shape[0]
-    blocks = noise_blocks(noise, n, dim)
-    p, q = blocks.precision.shape[-1], blocks.columns
+    blocks = noise_blocks(root, q)
+    p = blocks.precision.shape[-1]
     residual = r.reshape(n, p, q)
     rho = blocks.precision @ residual  # Λ_i r_i
     chol_z = cholesky(_jittered_gram(kernel, z, jitter))
     a = chol_z.inverse @ kernel.matrix(z, x)
-    chol_b = cholesky(_posterior_precision(a, blocks.precision))
-    c = jnp.einsum("ji,iaq->jaq", a, rho).reshape(m * p, q)
-    beta = chol_b.solve(c)
     kernel_diagonal = jax.vmap(kernel.evaluate)(x, x)
     trace = q * jnp.trace(blocks.precision, axis1=-2, axis2=-1)
+    core, c, data_term, leftover_term = _over_points(
+        (
+            _posterior_precision(a, blocks.precision, with_identity=False),
+            jnp.einsum("ji,iaq->jaq", a, rho).reshape(m * p, q),
+            jnp.sum(residual * rho),
+            jnp.sum(trace * (kernel_diagonal - jnp.sum(a * a, axis=0))),
+        ),
+        axis,
+    )
+    chol_b = cholesky(core + jnp.eye(m * p, dtype=core.dtype))
+    beta = chol_b.solve(c)
     value = (
-        -0.5 * jnp.sum(residual * rho)
+        -0.5 * data_term
         + 0.5 * jnp.sum(c * beta)
         - 0.5 * q * chol_b.log_det()
-        - 0.5 * n * dim * math.log(2.0 * math.pi)
-        - 0.5 * jnp.sum(trace * (kernel_diagonal - jnp.sum(a * a, axis=0)))
+        - 0.5 * n_total * dim * math.log(2.0 * math.pi)
+        - 0.5 * leftover_term
     )
     return Bound(value, chol_z, a, chol_b, beta.reshape(m, p, q), kernel_diagonal)
+
+
+def bound_of(kernel, noise, x, z, r, jitter) -> Bound:
+    """``bound`` of a noise model on one device."""
+    root, q = noise.observation_blocks(*r.shape)
+    return bound(kernel, root, q, x, z, r, jitter)
 
 
 #: Points per block of the backward pass: its per-pair arrays (the derivative matrices, the
@@ -247,13 +273,18 @@ def _sum_trees(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def blocked_point_terms(kernel, noise, x, z, r, fwd: Bound, want_kernel, want_noise, points_per_block=None) -> PointTerms:
-    """``point_terms`` over all points, a block at a time (a ``lax.scan`` over full blocks, then
-    the remainder): the per-pair arrays never exceed one block, whatever n."""
-    n, dim = r.shape
+def blocked_point_terms(kernel, root, q, x, z, r, fwd: Bound, want_kernel, want_noise, points_per_block=None, axis=None):
+    """``point_terms`` over this device's points, a block at a time (a ``lax.scan`` over full
+    blocks, then the remainder): the per-pair arrays never exceed one block, whatever n. The sums
+    over points are reduced across ``axis`` (see ``bound``); the per-point rows stay local."""
+    n = r.shape[0]
     m = z.shape[0]
-    blocks = noise_blocks(noise, n, dim)
+    blocks = noise_blocks(root, q)
     shared = shared_terms(fwd)
+    if axis is not None:
+        # As this device's: the kernel VJP's cotangents are then this device's sums, reduced
+        # once below (autodiff would reduce a replicated kernel's in every block).
+        kernel = jax.lax.pcast(kernel, axis, to="varying")
     size = block_size(n, m, 1 if x.ndim == 1 else x.shape[1]) if points_per_block is None else min(n, points_per_block)
     full, tail = divmod(n, size)
 
@@ -281,52 +312,88 @@ def blocked_point_terms(kernel, noise, x, z, r, fwd: Bound, want_kernel, want_no
     if tail:
         terms = run(full * size, tail)
         parts.append(((terms.grad_z, terms.kernel, terms.a_bar_a), (terms.grad_x, terms.residual, terms.root)))
-    sums = functools.reduce(_sum_trees, [s for s, _ in parts])
+    sums = _over_points(functools.reduce(_sum_trees, [s for s, _ in parts]), axis)
     rows = jax.tree_util.tree_map(lambda *r: jnp.concatenate(r), *[r for _, r in parts])
     grad_z, kernel_bar, a_bar_a = sums
     grad_x, residual_bar, root_bar = rows
     return PointTerms(grad_x, residual_bar, root_bar, grad_z, kernel_bar, a_bar_a), shared
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def precision_form_bound(kernel, noise, x, z, r, jitter, points_per_block=None):
-    return _forward(kernel, noise, x, z, r, jitter).value
+class Points(NamedTuple):
+    """How the points are laid out: split along ``axis`` (a name or a tuple of names) of
+    ``mesh``, ``n`` of them in all (the arrays may carry padding beyond them)."""
+
+    mesh: Any
+    axis: Any
+    n: int
 
 
-_forward = jax.jit(bound, static_argnums=5)
+def _bound_specs(axis):
+    whole = jax.sharding.PartitionSpec()
+    return Bound(whole, whole, jax.sharding.PartitionSpec(None, axis), whole, whole, jax.sharding.PartitionSpec(axis))
 
 
-def _bound_fwd(kernel, noise, x, z, r, jitter, points_per_block):
-    # symbolic_zeros: the kernel's and the noise's cotangents, each a VJP of small functions,
+def _run_forward(kernel, root, x, z, r, q, jitter, points: Points | None) -> Bound:
+    """``bound`` on one device, or on every device of ``points.mesh`` over its own points."""
+    if points is None:
+        return bound(kernel, root, q, x, z, r, jitter)
+    spec, whole = jax.sharding.PartitionSpec(points.axis), jax.sharding.PartitionSpec()
+    local = lambda k, b, xs, zs, rs: bound(k, b, q, xs, zs, rs, jitter, points.axis, points.n)  # noqa: E731
+    return jax.shard_map(
+        local, mesh=points.mesh, in_specs=(whole, spec, spec, whole, spec), out_specs=_bound_specs(points.axis)
+    )(kernel, root, x, z, r)
+
+
+_forward = jax.jit(_run_forward, static_argnums=(5, 6, 7))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def precision_form_bound(kernel, root, x, z, r, q, jitter, points_per_block=None, points=None):
+    """``F_L`` from the noise roots ``B_i`` (``(n, p, p)``, shared by ``q`` columns), with its
+    closed-form ``custom_vjp``; ``points``: the points split over a mesh (``Points``)."""
+    return _forward(kernel, root, x, z, r, q, jitter, points).value
+
+
+def _bound_fwd(kernel, root, x, z, r, q, jitter, points_per_block, points):
+    # symbolic_zeros: the kernel's cotangent (a VJP of small functions) and the noise roots'
     # are computed only when asked for.
-    (kernel, kernel_wanted), (noise, noise_wanted), (x, _), (z, _), (r, _) = map(
-        unwrap_primals, (kernel, noise, x, z, r)
-    )
-    fwd = _forward(kernel, noise, x, z, r, jitter)
-    return fwd.value, (kernel_wanted, noise_wanted, kernel, noise, x, z, r, fwd)
+    (kernel, kernel_wanted), (root, root_wanted), (x, _), (z, _), (r, _) = map(unwrap_primals, (kernel, root, x, z, r))
+    fwd = _forward(kernel, root, x, z, r, q, jitter, points)
+    return fwd.value, (kernel_wanted, root_wanted, kernel, root, x, z, r, fwd)
 
 
-def _bound_bwd(jitter, points_per_block, residuals, g):
-    kernel_wanted, noise_wanted, kernel, noise, x, z, r, fwd = residuals
-    return _backward(kernel_wanted, noise_wanted, jitter, points_per_block, kernel, noise, x, z, r, fwd, g)
+def _bound_bwd(q, jitter, points_per_block, points, residuals, g):
+    kernel_wanted, root_wanted, kernel, root, x, z, r, fwd = residuals
+    return _backward(kernel_wanted, root_wanted, q, jitter, points_per_block, points, kernel, root, x, z, r, fwd, g)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _backward(kernel_wanted, noise_wanted, jitter, points_per_block, kernel, noise, x, z, r, fwd, g):
-    terms, shared = blocked_point_terms(kernel, noise, x, z, r, fwd, kernel_wanted, noise_wanted, points_per_block)
+def _local_backward(kernel_wanted, root_wanted, q, jitter, points_per_block, axis, kernel, root, x, z, r, fwd, g):
+    terms, shared = blocked_point_terms(kernel, root, q, x, z, r, fwd, kernel_wanted, root_wanted, points_per_block, axis)
     gram = gram_cotangent(shared, fwd, terms.a_bar_a, jitter)
     d_zz = kernel.grad_first_matrix(z, z)
     grad_z = terms.grad_z + 2.0 * jnp.sum(gram.reshape(gram.shape + (1,) * (d_zz.ndim - 2)) * d_zz, axis=1)
-    kernel_bar = noise_bar = None
+    kernel_bar = root_bar = None
     if kernel_wanted:
         # θ̄ = ⟨G, ∂K_zx/∂θ⟩ + ⟨∂F/∂k_ii, ∂k_ii/∂θ⟩ (the blocks) + ⟨Ḡ_zz, ∂K_zz/∂θ⟩, indices fixed.
         _, gram_vjp = jax.vjp(lambda k: k.matrix(z, z), kernel)
         kernel_bar = jax.tree_util.tree_map(lambda a, b: g * (a + b), terms.kernel, gram_vjp(gram)[0])
-    if noise_wanted:
-        n, dim = r.shape
-        _, noise_vjp = jax.vjp(lambda s: s.observation_blocks(n, dim)[0], noise)
-        (noise_bar,) = noise_vjp(g * terms.root)
-    return kernel_bar, noise_bar, g * terms.grad_x, g * grad_z, g * terms.residual
+    if root_wanted:
+        root_bar = g * terms.root
+    return kernel_bar, root_bar, g * terms.grad_x, g * grad_z, g * terms.residual
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _backward(kernel_wanted, root_wanted, q, jitter, points_per_block, points, kernel, root, x, z, r, fwd, g):
+    if points is None:
+        return _local_backward(kernel_wanted, root_wanted, q, jitter, points_per_block, None, kernel, root, x, z, r, fwd, g)
+    spec, whole = jax.sharding.PartitionSpec(points.axis), jax.sharding.PartitionSpec()
+    local = functools.partial(_local_backward, kernel_wanted, root_wanted, q, jitter, points_per_block, points.axis)
+    return jax.shard_map(
+        local,
+        mesh=points.mesh,
+        in_specs=(whole, spec, spec, whole, spec, _bound_specs(points.axis), whole),
+        out_specs=(whole, spec, spec, whole, spec),
+    )(kernel, root, x, z, r, fwd, g)
 
 
 precision_form_bound.defvjp(_bound_fwd, _bound_bwd, symbolic_zeros=True)
@@ -334,21 +401,21 @@ precision_form_bound.defvjp(_bound_fwd, _bound_bwd, symbolic_zeros=True)
 
 def plain_precision_form_bound(kernel, noise, x, z, r, jitter):
     """The same forward computation with no custom rule: the autodiff baseline."""
-    return bound(kernel, noise, x, z, r, jitter).value
+    return bound_of(kernel, noise, x, z, r, jitter).value
 
 
 # ------------------------------------------------------------------ the variational posterior
 
 
-@functools.partial(jax.jit, static_argnums=6)
-def predict(kernel, noise, x, z, r, x_new, jitter):
+@functools.partial(jax.jit, static_argnums=(5, 7, 8))
+def predict(kernel, root, x, z, r, q, x_new, jitter, points=None):
     """Mean offset ``(n_new, D)`` and marginal variance ``(n_new, D)`` of ``q(f_*)``.
 
     ``q(v) = N(β, B⁻¹ ⊗ I_q)`` for the whitened inducing values ``v = L_z⁻¹ u``, and
     ``f_* = a_*ᵀ v + (f_* − E[f_* | u])``: mean ``a_*ᵀ β``, variance
     ``k_** − ‖a_*‖² + (a_* ⊗ I)ᵀ B⁻¹ (a_* ⊗ I)``. O(n m² p² + n_new m² p²).
     """
-    fwd = bound(kernel, noise, x, z, r, jitter)
+    fwd = _run_forward(kernel, root, x, z, r, q, jitter, points)
     return _posterior_at(kernel, z, x_new, fwd)
 
 
@@ -366,13 +433,13 @@ def _posterior_at(kernel, z, x_new, fwd: Bound):
     return offset.reshape(n_new, p * q), variance.reshape(n_new, p * q)
 
 
-@functools.partial(jax.jit, static_argnums=(6, 8))
-def sample(key, kernel, noise, x, z, r, jitter, x_new, num_samples):
+@functools.partial(jax.jit, static_argnums=(6, 7, 9, 10))
+def sample(key, kernel, root, x, z, r, q, jitter, x_new, num_samples, points=None):
     """Draws of ``q(f_*)``, ``(num_samples, n_new, D)``: ``v ~ q(v)`` shared by the points, then
     ``a_*ᵀ v`` plus the residual ``f_* − E[f_* | u]`` drawn point by point (its variance
     ``k_** − Q_**``), so every draw's marginals are ``predict``'s. O(n m² p² + n_new m p).
     """
-    fwd = bound(kernel, noise, x, z, r, jitter)
+    fwd = _run_forward(kernel, root, x, z, r, q, jitter, points)
     m, p, q = fwd.beta.shape
     inducing_key, residual_key = jax.random.split(key)
     standard = jax.random.normal(inducing_key, (num_samples, m * p, q), r.dtype)
@@ -410,17 +477,81 @@ class Inducing(Solver):
     evaluates it, and ``log_marginal_likelihood`` refuses this solver; ``predict`` and
     ``sample_posterior`` take it (or ``inducing=Z``) for the variational posterior. ``jitter``:
     relative to the mean of ``k(z, z)``, ``None`` for the dtype's default (``default_jitter``).
+
+    **One problem over many devices and hosts.** With ``mesh`` (a ``jax.sharding.Mesh``) the
+    points — ``x``, ``y``, the noise blocks — are split along its axis ``axis`` (a name, or a
+    tuple of names for an axis that spans e.g. hosts × devices; ``None`` for a mesh of one axis):
+    each device runs the bound's per-point work on its own points, and the sums over points —
+    ``m p × m p`` and ``m p × q`` statistics — are reduced across the axis (one all-reduce in the
+    value, one in the gradient). Cotangents of ``x``, ``y`` and the noise stay with their points;
+    those of ``Z`` and the kernel are reduced. No array of length ``n`` is gathered on one device.
+    Under ``jax.distributed`` the mesh may span hosts: pass global arrays (e.g.
+    ``jax.make_array_from_process_local_data``) laid out along the axis. ``n`` need not divide by
+    the axis's size (the points are padded with points of zero precision, which add nothing),
+    but a multiple of it avoids moving points between devices.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> import gpgrad_jax as gg
+        >>> mesh = jax.sharding.Mesh(np.array(jax.devices()), ("points",))
+        >>> x = jnp.linspace(0.0, 5.0, 64)
+        >>> k, nz, z = gg.kernels.Matern32(1.0, 1.0), gg.noise.Isotropic(0.1), jnp.linspace(0.0, 5.0, 8)
+        >>> F = gg.inducing_bound(k, x, jnp.sin(x), nz, z, mesh=mesh, axis="points")
+        >>> bool(jnp.allclose(F, gg.inducing_bound(k, x, jnp.sin(x), nz, z)))
+        True
+        >>> solver = gg.solvers.Inducing(z, mesh=mesh, axis="points")  # predict, sample_posterior
+        >>> gg.predict(k, x, jnp.sin(x), nz, jnp.array([1.0, 2.0]), solver=solver)[0].shape
+        (2,)
     """
 
     inducing: Any
     jitter: float | None = None
     points_per_block: int | None = None
+    mesh: Any = None
+    axis: Any = None
 
     name = "inducing"
     exact = False
 
     def __repr__(self):
-        return f"Inducing(m={len(self.inducing)}, jitter={self.jitter!r}, points_per_block={self.points_per_block!r})"
+        where = "" if self.mesh is None else f", mesh={dict(self.mesh.shape)}, axis={self.axis!r}"
+        return f"Inducing(m={len(self.inducing)}, jitter={self.jitter!r}, points_per_block={self.points_per_block!r}{where})"
+
+    def _points(self, n: int) -> Points | None:
+        """The layout of ``n`` points over the mesh (``None`` without one), checked."""
+        mesh, axis = self.mesh, self.axis
+        if mesh is None:
+            if axis is not None:
+                raise ValueError(f"`axis` ({axis!r}) names an axis of `mesh`, which is None: pass the mesh too")
+            return None
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"`mesh` must be a jax.sharding.Mesh (or None), got {type(mesh).__name__}")
+        if axis is None:
+            if len(mesh.axis_names) != 1:
+                raise ValueError(f"`axis`: name the mesh axis the points are split along, one of {mesh.axis_names}")
+            axis = mesh.axis_names[0]
+        names = axis if isinstance(axis, tuple) else (axis,)
+        unknown = [a for a in names if a not in mesh.axis_names]
+        if unknown or not names:
+            raise ValueError(f"`axis` must name axes of `mesh` {mesh.axis_names} (a name or a tuple of names), got {axis!r}")
+        return Points(mesh, axis, n)
+
+    def _laid_out(self, prepared):
+        """``(kernel, root, x, z, r, q, points)``: the noise as its roots, padded to a multiple of
+        the axis's size with points of zero precision (they add nothing to the bound, and their
+        cotangents are dropped by autodiff of the padding)."""
+        kernel, noise, x, r, z = prepared
+        n, dim = r.shape
+        root, q = noise.observation_blocks(n, dim)
+        points = self._points(n)
+        if points is not None:
+            names = points.axis if isinstance(points.axis, tuple) else (points.axis,)
+            pad = -n % math.prod(points.mesh.shape[a] for a in names)
+            if pad:
+                x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad, *x.shape[1:]))])
+                r = jnp.concatenate([r, jnp.zeros((pad, dim), r.dtype)])
+                root = jnp.concatenate([root, jnp.zeros((pad, *root.shape[1:]), root.dtype)])
+        return kernel, root, x, z, r, q, points
 
     def prepare(self, problem) -> Prepared:
         kernel, noise, x, r = problem
@@ -448,6 +579,7 @@ class Inducing(Solver):
                 UserWarning,
                 stacklevel=5,  # the warning names the user's call
             )
+        self._points(n)  # the mesh and axis, checked eagerly
         return Prepared(kernel, noise, x, r, z)
 
     def _jitter(self, prepared) -> float:
@@ -459,8 +591,8 @@ class Inducing(Solver):
         return float(jitter)
 
     def log_likelihood(self, prepared):
-        kernel, noise, x, r, z = prepared
-        return precision_form_bound(kernel, noise, x, z, r, self._jitter(prepared), self._points_per_block())
+        kernel, root, x, z, r, q, points = self._laid_out(prepared)
+        return precision_form_bound(kernel, root, x, z, r, q, self._jitter(prepared), self._points_per_block(), points)
 
     def _points_per_block(self):
         size = self.points_per_block
@@ -470,11 +602,11 @@ class Inducing(Solver):
 
     def plain_log_likelihood(self, prepared):
         kernel, noise, x, r, z = prepared
-        return bound(kernel, noise, x, z, r, self._jitter(prepared)).value
+        return bound_of(kernel, noise, x, z, r, self._jitter(prepared)).value
 
     def predict(self, prepared, x_new):
-        kernel, noise, x, r, z = prepared
-        return predict(kernel, noise, x, z, r, x_new, self._jitter(prepared))
+        kernel, root, x, z, r, q, points = self._laid_out(prepared)
+        return predict(kernel, root, x, z, r, q, x_new, self._jitter(prepared), points)
 
     def predict_covariance(self, prepared, x_new):
         raise ValueError(
@@ -483,5 +615,5 @@ class Inducing(Solver):
         )
 
     def sample(self, key, prepared, x_new, num_samples):
-        kernel, noise, x, r, z = prepared
-        return sample(key, kernel, noise, x, z, r, self._jitter(prepared), x_new, num_samples)
+        kernel, root, x, z, r, q, points = self._laid_out(prepared)
+        return sample(key, kernel, root, x, z, r, q, self._jitter(prepared), x_new, num_samples, points)
