@@ -11,6 +11,7 @@ state-space model over the sorted scalar indices. The folder, one concept per mo
 * ``rule`` — the value and its closed-form ``custom_vjp``;
 * ``posterior`` — marginals at new indices and draws;
 * ``native`` — the covariance form's sequential passes as C++ custom calls (``csrc/``);
+* ``segments`` — one series over many devices: the recursions in contiguous segments;
 * ``diagnostics`` — non-finite results and float32's rounding estimate.
 """
 
@@ -21,12 +22,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from gpgrad_jax._arguments import check_rule, poison
 from gpgrad_jax._noise import BlockDiagonal
 from gpgrad_jax._solver.base import Inapplicable, Solver
 from gpgrad_jax._solver.markov import diagnostics, native, posterior, rule
 from gpgrad_jax._solver.markov.blocks import NoStateSpaceForm, model_blocks
 from gpgrad_jax._solver.markov.forms import Scheme, default_square_root
+from gpgrad_jax._solver.markov.model import pad_points
+from gpgrad_jax._solver.markov.segments import Segments
 
 Array = Any
 
@@ -57,6 +62,15 @@ class Markov(Solver):
             (C++ built at install, one custom call per pass); ``None`` (default): where built,
             else the JAX scans after a one-time warning; ``False``: the JAX scans (the
             reference). Other forms, scans and platforms always run JAX.
+        mesh, axis: one series over many devices and hosts — the points, sorted, split along the
+            axis ``axis`` (a name or a tuple of names; ``None`` for a mesh of one axis) of the
+            ``jax.sharding.Mesh`` ``mesh`` into contiguous segments, one per device: each device
+            runs the recursions over its segment, conditional on the state entering it, a small
+            gather of the segments' summaries gives every segment its true entry, and each reruns
+            its segment from there (``segments.py``; the JAX scans, not the native passes). The
+            value and every cotangent are the one-device ones; only neighbouring points and the
+            summaries move between devices. ``x`` must come sorted (no global sort), ``n`` a
+            multiple of the axis's size; ``predict`` and ``sample_posterior`` are not available.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -73,6 +87,8 @@ class Markov(Solver):
     form: str | None = None
     parallel: bool = False
     native: bool | None = None
+    mesh: Any = None
+    axis: Any = None
 
     def __post_init__(self):
         if self.form not in (None, *FORMS):
@@ -83,6 +99,26 @@ class Markov(Solver):
             raise TypeError(f"`native` must be None or a bool, got {self.native!r}")
         if self.native and not native.available():
             raise ValueError(f"`native=True`: {native.MISSING}")
+        self._segments()  # the mesh and axis, checked now
+
+    def _segments(self) -> Segments | None:
+        mesh, axis = self.mesh, self.axis
+        if mesh is None:
+            if axis is not None:
+                raise ValueError(f"`axis` ({axis!r}) names an axis of `mesh`, which is None: pass the mesh too")
+            return None
+        if not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"`mesh` must be a jax.sharding.Mesh (or None), got {type(mesh).__name__}")
+        if self.parallel:
+            raise ValueError("`parallel=True` with a `mesh`: over a mesh the segments run sequential scans; drop one")
+        if axis is None:
+            if len(mesh.axis_names) != 1:
+                raise ValueError(f"`axis`: name the mesh axis the series is split along, one of {mesh.axis_names}")
+            axis = mesh.axis_names[0]
+        names = axis if isinstance(axis, tuple) else (axis,)
+        if not names or any(a not in mesh.axis_names for a in names):
+            raise ValueError(f"`axis` must name axes of `mesh` {mesh.axis_names} (a name or a tuple of names), got {axis!r}")
+        return Segments(mesh, axis, int(np.prod([mesh.shape[a] for a in names])))
 
     @property
     def name(self) -> str:
@@ -91,8 +127,11 @@ class Markov(Solver):
     def scheme(self, dtype) -> Scheme:
         """The scheme the solver runs in ``dtype``."""
         square_root = default_square_root(dtype) if self.form is None else self.form == "square-root"
-        runs_native = self.native is not False and not square_root and not self.parallel and native.applies(dtype)
-        return Scheme(square_root=square_root, parallel=self.parallel, native=runs_native)
+        parts = self._segments()
+        runs_native = (
+            self.native is not False and not square_root and not self.parallel and parts is None and native.applies(dtype)
+        )
+        return Scheme(square_root=square_root, parallel=self.parallel, native=runs_native, segments=parts)
 
     def prepare(self, problem) -> Prepared:
         kernel, noise, x, r = problem
@@ -106,6 +145,22 @@ class Markov(Solver):
             blocks = model_blocks(kernel)
         except NoStateSpaceForm as err:
             raise Inapplicable(str(err)) from err
+        parts = self._segments()
+        if parts is not None:
+            if x.shape[0] % parts.count:
+                raise ValueError(
+                    f"`x`: over a mesh the series is split into {parts.count} equal segments (the size of "
+                    f"axis {parts.axis!r}), and n = {x.shape[0]} points do not divide; pad the series or "
+                    "drop points to a multiple"
+                )
+
+            def ascending(v):
+                if isinstance(v, np.ndarray):
+                    return np.concatenate([np.ones(1, bool), v[1:] >= v[:-1]])
+                return ~pad_points(v[1:] < v[:-1], 1, 0)
+
+            requirement = "sorted (non-decreasing) over a mesh: the series is split into contiguous segments"
+            (x,) = poison(check_rule("x", x, ascending, requirement), x)
         return Prepared(kernel, noise, x, r, blocks)
 
     def log_likelihood(self, prepared):
@@ -117,7 +172,16 @@ class Markov(Solver):
     def index_gradient(self, prepared):
         return rule.index_gradient(self.scheme(prepared.r.dtype), *self._args(prepared))
 
+    def _no_posterior(self):
+        if self.mesh is not None:
+            raise NotImplementedError(
+                "predict and sample_posterior with a Markov solver over a `mesh` are not available yet: "
+                "the new indices would have to be merged into the split series; use the solver without "
+                "the mesh (on one device) for the posterior"
+            )
+
     def predict(self, prepared, x_new):
+        self._no_posterior()
         scheme = self.scheme(prepared.r.dtype)
         mean, cov = posterior.posterior_marginals(scheme, *self._args(prepared), x_new)
         n_new, p, q = mean.shape
@@ -133,6 +197,7 @@ class Markov(Solver):
         return eps * jnp.max(spread), diagnostics.PRECISION_WARNING_LEVEL
 
     def sample(self, key, prepared, x_new, num_samples):
+        self._no_posterior()
         return posterior.posterior_draws(self.parallel, key, *self._args(prepared), num_samples, x_new)
 
     @staticmethod

@@ -48,6 +48,7 @@ import numpy as np
 from gpgrad_jax import _kernels as kernels
 from gpgrad_jax._pytree import pytree_dataclass
 from gpgrad_jax._smallmatrix import cholesky, small_matmul, triangularize
+from gpgrad_jax._solver.markov.model import pad_points
 
 Array = Any
 
@@ -214,7 +215,7 @@ class CurveBlock(Block):
         """In closed form: ``A`` does not depend on the parameters, and they enter ``Q(h_k)`` and
         the first state's prior linearly — ``σ̄² = Σ_k ⟨Q̄_k, Q̃(h_k)⟩`` (with ``h_0 = x₁``, the prior
         holding ``Q̃(x₁)``), and the linear and constant variances read ``Q̄_0``."""
-        all_steps = jnp.concatenate([jnp.reshape(first, (1,)), steps])
+        all_steps = pad_points(steps, 1, 0).at[0].set(first)
         cubic_bar = jnp.sum(q_bar * unit_cubic_noise(all_steps))
         prior = q_bar[0]
         linear_bar = first * first * prior[0, 0] + 2.0 * first * prior[0, 1] + prior[1, 1]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import solve, spd_inverse_and_logdet
 from gpgrad_jax._smallmatrix import transpose as _t
-from gpgrad_jax._solver.markov import native
+from gpgrad_jax._solver.markov import native, segments
 from gpgrad_jax._solver.markov.model import Model, Smoothed, rows, shift_back, shift_forward, split
 
 Array = Any
@@ -63,7 +63,9 @@ def filter_sequential(model: Model, native: bool = False) -> Filtered:
     return Filtered(*(_filter_native(*args) if native else _filter_scan(*args)))
 
 
-def _filter_scan(transition, process_noise, obs_matrix, obs):
+def _filter_scan(transition, process_noise, obs_matrix, obs, init=None):
+    """The filter as a ``lax.scan`` from the filtered moments ``init`` before the first point
+    (``None``: zero, the first point's ``A = 0`` and ``Q`` its prior)."""
     _, big, _ = transition.shape
     q = obs.shape[-1]
     dtype = transition.dtype
@@ -76,7 +78,8 @@ def _filter_scan(transition, process_noise, obs_matrix, obs):
         mean, cov, term = _update(pred_mean, pred_cov, obs_matrix, obs)
         return (mean, cov), rows(pred_mean, pred_cov, term)
 
-    init = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
+    if init is None:
+        init = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
     xs = (transition, process_noise, obs_matrix, obs)
     _, stacked = jax.lax.scan(step, init, xs)
     mean, cov, terms = split(stacked, [(big, q), (big, big), ()])
@@ -86,16 +89,16 @@ def _filter_scan(transition, process_noise, obs_matrix, obs):
 _filter_native = native.with_reference(native.filter_call, _filter_scan)
 
 
-def filter_parallel(model: Model) -> Filtered:
-    """The same filter as an associative scan (Särkkä & García-Fernández, 2021) in precision form."""
+def _filter_elements(model: Model):
+    """Element ``k`` of the associative filter (Särkkä & García-Fernández, 2021), in precision
+    form: the filter from a known ``s_{k−1}`` through observation ``k``, ``(A, b, C, η, J)``."""
     a, noise, c, o = model.transition, model.process_noise, model.obs_matrix, model.obs
     big = a.shape[-1]
     eye = jnp.eye(big, dtype=a.dtype)
-    # Element k: the filter from a known s_{k−1} through observation k.
     s_inv, _ = spd_inverse_and_logdet(jnp.eye(c.shape[-2], dtype=a.dtype) + _mm(_mm(c, noise), _t(c)))
     gain = _mm(_mm(noise, _t(c)), s_inv)
     residual_map = eye - _mm(gain, c)
-    elements = (
+    return (
         _mm(residual_map, a),  # A
         _mm(gain, o),  # b
         noise - _mm(gain, _t(_mm(noise, _t(c)))),  # C
@@ -103,29 +106,50 @@ def filter_parallel(model: Model) -> Filtered:
         _mm(_mm(_mm(_mm(_t(a), _t(c)), s_inv), c), a),  # J
     )
 
-    def combine(first, second):
-        a1, b1, c1, eta1, j1 = first
-        a2, b2, c2, eta2, j2 = second
-        m = eye + _mm(c1, j2)
-        a2_m = _t(solve(_t(m), _t(a2)))  # A₂ (I + C₁J₂)⁻¹
-        a1t_mt = _t(solve(m, a1))  # A₁ᵀ (I + J₂C₁)⁻¹
-        cov = _mm(_mm(a2_m, c1), _t(a2)) + c2
-        return (
-            _mm(a2_m, a1),
-            _mm(a2_m, b1 + _mm(c1, eta2)) + b2,
-            0.5 * (cov + _t(cov)),
-            _mm(a1t_mt, eta2 - _mm(j2, b1)) + eta1,
-            _mm(_mm(a1t_mt, j2), a1) + j1,
-        )
 
+def _filter_combine(first, second):
+    """The element of two consecutive ranges, ``first`` then ``second`` (batched)."""
+    a1, b1, c1, eta1, j1 = first
+    a2, b2, c2, eta2, j2 = second
+    m = jnp.eye(a1.shape[-1], dtype=a1.dtype) + _mm(c1, j2)
+    a2_m = _t(solve(_t(m), _t(a2)))  # A₂ (I + C₁J₂)⁻¹
+    a1t_mt = _t(solve(m, a1))  # A₁ᵀ (I + J₂C₁)⁻¹
+    cov = _mm(_mm(a2_m, c1), _t(a2)) + c2
+    return (
+        _mm(a2_m, a1),
+        _mm(a2_m, b1 + _mm(c1, eta2)) + b2,
+        0.5 * (cov + _t(cov)),
+        _mm(a1t_mt, eta2 - _mm(j2, b1)) + eta1,
+        _mm(_mm(a1t_mt, j2), a1) + j1,
+    )
+
+
+def filter_parallel(model: Model) -> Filtered:
+    """The same filter as an associative scan of ``_filter_elements``."""
+    a, noise, c, o = model.transition, model.process_noise, model.obs_matrix, model.obs
     # Materialise the elements: otherwise XLA fuses their producers into every strided slice
     # of every level of the scan and recomputes them there (at n = 4000 the run never ended).
-    elements = jax.lax.optimization_barrier(elements)
-    _, filt_mean, filt_cov, _, _ = jax.lax.associative_scan(combine, elements)
+    elements = jax.lax.optimization_barrier(_filter_elements(model))
+    _, filt_mean, filt_cov, _, _ = jax.lax.associative_scan(_filter_combine, elements)
     pred_mean = _mm(a, shift_forward(filt_mean))
     pred_cov = _mm(_mm(a, shift_forward(filt_cov)), _t(a)) + noise
     _, _, terms = _update(pred_mean, pred_cov, c, o)
     return Filtered(pred_mean, pred_cov, terms)
+
+
+def filter_segmented(model: Model, parts: segments.Segments) -> Filtered:
+    """The sequential filter over contiguous segments (``segments.scan``): a range's element
+    composition gives the filtered moments ``(b, C)`` after it (the state before the first point
+    is zero)."""
+    big, q = model.obs_matrix.shape[-1], model.obs.shape[-1]
+    dtype = model.obs.dtype
+    zero = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
+    inputs = (model.transition, model.process_noise, model.obs_matrix, model.obs)
+    stacked = segments.scan(
+        lambda xs, init: _filter_scan(*xs, init=init), inputs, _filter_elements(model), _filter_combine,
+        lambda total: (total[1], total[2]), zero, parts,
+    )
+    return Filtered(*stacked)
 
 
 # ------------------------------------------------------------------ smoother
@@ -155,9 +179,10 @@ def _backward_elements(update: _Update, transition, c):
     return e, _mm(ct_uinv, update.innovation), _mm(ct_uinv, c)
 
 
-def _adjoints_sequential(e, c, d):
+def _adjoints_sequential(e, c, d, init=None):
     """The adjoint recursion as a ``lax.scan`` over one packed ``[N | ν]`` (a tuple carry ran
-    2× slower for the 3-D curve), emitting flat rows."""
+    2× slower for the 3-D curve), emitting flat rows; ``init``: ``(ν, N)`` after the last point
+    (``None``: zero)."""
     big, q = c.shape[-2:]
 
     def step(packed, inputs):
@@ -167,30 +192,47 @@ def _adjoints_sequential(e, c, d):
         nu = propagated[:, big:] + c_k
         return jnp.concatenate([info, nu], -1), rows(nu, info)
 
-    init = jnp.zeros((big, big + q), e.dtype)
+    init = jnp.zeros((big, big + q), e.dtype) if init is None else jnp.concatenate([init[1], init[0]], -1)
     _, stacked = jax.lax.scan(step, init, (e, d, c), reverse=True)
     nu, info = split(stacked, [(big, q), (big, big)])
     return nu, info
 
 
-def _adjoints_parallel(e, c, d):
-    # Suffix compositions of the affine maps ν ↦ Eν + c and N ↦ E N Eᵀ + D.
-    def combine(later, earlier):
-        e2, c2, d2 = later
-        e1, c1, d1 = earlier
-        return _mm(e1, e2), _mm(e1, c2) + c1, _mm(_mm(e1, d2), _t(e1)) + d1
+def _adjoint_combine(earlier, later):
+    """The affine maps ``ν ↦ Eν + c``, ``N ↦ E N Eᵀ + D`` of two consecutive ranges, composed:
+    the earlier range's map after the later's."""
+    e2, c2, d2 = later
+    e1, c1, d1 = earlier
+    return _mm(e1, e2), _mm(e1, c2) + c1, _mm(_mm(e1, d2), _t(e1)) + d1
 
+
+def _adjoints_parallel(e, c, d):
+    # Suffix compositions of the maps.
     elements = jax.lax.optimization_barrier((e, c, d))  # see filter_parallel
-    _, nu, info = jax.lax.associative_scan(combine, elements, reverse=True)
+    _, nu, info = jax.lax.associative_scan(lambda later, earlier: _adjoint_combine(earlier, later), elements, reverse=True)
     return nu, info
 
 
-def _smooth_scan(transition, c, obs, pred_mean, pred_cov, parallel=False):
+def _adjoints_segmented(e, c, d, parts: segments.Segments):
+    # A range's composed map applied to zero is the (ν, N) entering it.
+    big, q = c.shape[-2:]
+    zero = (jnp.zeros((big, q), e.dtype), jnp.zeros((big, big), e.dtype))
+    return segments.scan(
+        lambda xs, init: _adjoints_sequential(*xs, init=init), (e, c, d), (e, c, d), _adjoint_combine,
+        lambda total: (total[1], total[2]), zero, parts, reverse=True,
+    )
+
+
+def _smooth_scan(transition, c, obs, pred_mean, pred_cov, parallel=False, parts=None):
     """``(ν, N, m_k|k, P_k|k, E[s_k|y], Cov(s_k|y))`` by JAX: the update recomputed vectorised,
-    the adjoint recursion as a scan, the moments vectorised (see ``smooth``)."""
+    the adjoint recursion as a scan (over segments: ``parts``), the moments vectorised (see
+    ``smooth``)."""
     update = _updates(c, obs, pred_mean, pred_cov)
     e, c_vec, d = _backward_elements(update, transition, c)
-    nu, info = (_adjoints_parallel if parallel else _adjoints_sequential)(e, c_vec, d)
+    if parts is not None:
+        nu, info = _adjoints_segmented(e, c_vec, d, parts)
+    else:
+        nu, info = (_adjoints_parallel if parallel else _adjoints_sequential)(e, c_vec, d)
     gain, residual_map = update.gain, update.residual_map
     filt_mean = pred_mean + _mm(gain, update.innovation)
     filt_cov = _mm(_mm(residual_map, pred_cov), _t(residual_map)) + _mm(gain, _t(gain))
@@ -206,7 +248,7 @@ def _smooth_scan(transition, c, obs, pred_mean, pred_cov, parallel=False):
 _smooth_native = native.with_reference(native.smooth_call, _smooth_scan)
 
 
-def smooth(filtered: Filtered, model: Model, parallel: bool, native: bool = False) -> Smoothed:
+def smooth(filtered: Filtered, model: Model, parallel: bool, native: bool = False, parts=None) -> Smoothed:
     """Smoothed marginals from the filtered ones: ``m_k|k + P_k|k λ̂_k`` and
     ``P_k|k − P_k|k Λ̂_k P_k|k`` with ``λ̂_k = A_{k+1}ᵀ ν_{k+1}``, ``Λ̂_k = A_{k+1}ᵀ N_{k+1} A_{k+1}``.
 
@@ -216,9 +258,9 @@ def smooth(filtered: Filtered, model: Model, parallel: bool, native: bool = Fals
     over the points; the native pass (``native``) runs all of it in one loop.
     """
     args = (model.transition, model.obs_matrix, model.obs, filtered.predicted_mean, filtered.predicted_cov)
-    if native and not parallel:
+    if native and not parallel and parts is None:
         nu, info, filt_mean, filt_cov, mean, cov = _smooth_native(*args)
     else:
-        nu, info, filt_mean, filt_cov, mean, cov = _smooth_scan(*args, parallel=parallel)
+        nu, info, filt_mean, filt_cov, mean, cov = _smooth_scan(*args, parallel=parallel, parts=parts)
     whitened_residual = model.obs - _mm(model.obs_matrix, mean)
     return Smoothed(mean, whitened_residual, cov, None, None, nu, info, filt_mean, filt_cov)

@@ -18,7 +18,7 @@ the square-root rule itself.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +31,14 @@ from gpgrad_jax._solver.markov import covariance, square_root
 
 class Scheme(NamedTuple):
     """The form and the scan of the Markov recursions (static); ``native``: the sequential
-    recursions of the covariance form as native passes (``native.py``) on the CPU."""
+    recursions of the covariance form as native passes (``native.py``) on the CPU; ``segments``:
+    the points split over a mesh, the sequential recursions run per segment
+    (``segments.Segments``)."""
 
     square_root: bool
     parallel: bool
     native: bool = False
+    segments: Any = None
 
     def in_covariances(self) -> Scheme:
         return self._replace(square_root=False)
@@ -50,17 +53,21 @@ def filter_pass(model, layout, scheme: Scheme):
     """The filter: predicted (covariance form) or filtered (square-root form) moments and the
     per-point likelihood terms."""
     if scheme.square_root:
-        return (square_root.filter_parallel if scheme.parallel else square_root.filter_sequential)(model, layout)
+        if scheme.parallel:
+            return square_root.filter_parallel(model, layout)
+        return square_root.filter_sequential(model, layout, scheme.segments)
     if scheme.parallel:
         return covariance.filter_parallel(model)
+    if scheme.segments is not None:
+        return covariance.filter_segmented(model, scheme.segments)
     return covariance.filter_sequential(model, scheme.native)
 
 
 def smooth(filtered, model, layout, scheme: Scheme, want_adjoints: bool):
     """The smoothed marginals (and, where asked, the adjoints ``ν_k``, ``N_k``)."""
     if scheme.square_root:
-        return square_root.smooth(filtered, model, layout, scheme.parallel, want_adjoints)
-    return covariance.smooth(filtered, model, scheme.parallel, scheme.native)
+        return square_root.smooth(filtered, model, layout, scheme.parallel, want_adjoints, scheme.segments)
+    return covariance.smooth(filtered, model, scheme.parallel, scheme.native, scheme.segments)
 
 
 def filtered_moments(filtered, smoothed, scheme: Scheme):

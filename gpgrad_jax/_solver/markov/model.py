@@ -29,8 +29,8 @@ Array = Any
 class Model(NamedTuple):
     """The state-space model of one problem, in sorted order (all arrays lead with ``n``)."""
 
-    order: Array  # permutation sorting the indices
-    is_sorted: Array  # bool: the indices came sorted (``order`` is the identity)
+    order: Array  # permutation sorting the indices (None when presorted)
+    is_sorted: Array  # bool: the indices came sorted (``order`` is the identity); True when presorted
     x: Array  # sorted indices, (n,)
     h: Array  # steps, (n,); h[0] = 0
     transition: Array  # A_k, (n, N, N); A_0 = 0 (the first state has no predecessor)
@@ -102,17 +102,22 @@ def _lift(matrix, p):
     return jnp.einsum("ab,nij->naibj", eye, matrix).reshape(n, p * k, p * k)
 
 
-def build_model(blocks, layout: Layout, x, noise_roots, data, square_root: bool) -> Model:
-    """Sort the points and assemble ``A_k``, ``Q_k`` (or its factor ``L_k``), ``C_k``, ``o_k``."""
+def build_model(blocks, layout: Layout, x, noise_roots, data, square_root: bool, presorted: bool = False) -> Model:
+    """Sort the points and assemble ``A_k``, ``Q_k`` (or its factor ``L_k``), ``C_k``, ``o_k``.
+    ``presorted``: the points are known to come sorted (``is_sorted`` is then ``True``, a Python
+    bool: nothing is permuted, no sort compiled — a series split over devices)."""
     n, p, _ = data.shape
-    # Sorting, and gathering or scattering by a permutation, cost as much as the filter itself
-    # on XLA:CPU: skip them for sorted input.
-    is_sorted = jnp.all(x[1:] >= x[:-1])
-    order = jax.lax.cond(is_sorted, lambda: jnp.arange(n), lambda: jnp.argsort(x, stable=True))
-    xs, noise_roots, data = jax.lax.cond(
-        is_sorted, lambda: (x, noise_roots, data), lambda: (x[order], noise_roots[order], data[order])
-    )
-    h = jnp.concatenate([jnp.zeros(1, xs.dtype), jnp.diff(xs)])
+    if presorted:
+        is_sorted, order, xs = True, None, x
+    else:
+        # Sorting, and gathering or scattering by a permutation, cost as much as the filter
+        # itself on XLA:CPU: skip them for sorted input.
+        is_sorted = jnp.all(x[1:] >= x[:-1])
+        order = jax.lax.cond(is_sorted, lambda: jnp.arange(n), lambda: jnp.argsort(x, stable=True))
+        xs, noise_roots, data = jax.lax.cond(
+            is_sorted, lambda: (x, noise_roots, data), lambda: (x[order], noise_roots[order], data[order])
+        )
+    h = pad_points(jnp.diff(xs), 1, 0)
     transition = _block_diagonal([b.transition(h) for b in blocks], layout.size).at[0].set(0.0)
     process_noise = factor = None
     if square_root:
@@ -159,11 +164,19 @@ def split(stacked, shapes):
     return out
 
 
+def pad_points(values, before: int, after: int):
+    """``values`` with ``before`` and ``after`` zero rows along the points axis. A pad, not a
+    concatenation: with the points split over devices XLA then exchanges only the rows at the
+    devices' boundaries (it gathered the whole axis for a concatenation)."""
+    config = [(before, after, 0)] + [(0, 0, 0)] * (values.ndim - 1)
+    return jax.lax.pad(values, jnp.zeros((), values.dtype), config)
+
+
 def shift_back(values):
     """``values[k + 1]`` at ``k``, zero after the last point."""
-    return jnp.concatenate([values[1:], jnp.zeros_like(values[:1])])
+    return pad_points(values[1:], 0, 1)
 
 
 def shift_forward(values):
     """``values[k − 1]`` at ``k``, zero before the first point."""
-    return jnp.concatenate([jnp.zeros_like(values[:1]), values[:-1]])
+    return pad_points(values[:-1], 1, 0)

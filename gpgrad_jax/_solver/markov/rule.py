@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from gpgrad_jax._rules import unwrap_primals
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import transpose as _t
+from gpgrad_jax._solver.markov import segments
 from gpgrad_jax._solver.markov.diagnostics import check_finite, check_precision
 from gpgrad_jax._solver.markov.forms import Scheme, covariance_derivatives, filter_pass, filtered_moments, smooth
 from gpgrad_jax._solver.markov.model import (
@@ -48,6 +49,7 @@ from gpgrad_jax._solver.markov.model import (
     build_model,
     layout,
     log_likelihood,
+    pad_points,
     shift_back,
     shift_forward,
 )
@@ -61,7 +63,8 @@ def setup(scheme: Scheme, blocks, noise, x, r):
     lay = layout(blocks, r.dtype)
     noise_roots, q = noise.observation_blocks(n, dim)
     p = noise_roots.shape[-1]
-    return lay, build_model(blocks, lay, x, noise_roots, r.reshape(n, p, q), scheme.square_root)
+    presorted = scheme.segments is not None
+    return lay, build_model(blocks, lay, x, noise_roots, r.reshape(n, p, q), scheme.square_root, presorted)
 
 
 # ------------------------------------------------------------------------------ the value
@@ -136,7 +139,9 @@ def _backward(scheme: Scheme, wants, blocks, noise, x, r, state, g):
     smoothed = smooth(filtered, model, lay, scheme, want_adjoints)
     grad_x, identity_terms, marginals = marginal_terms(smoothed, model, lay, blocks, want_blocks)
     moments = filtered_moments(filtered, smoothed, scheme) if want_adjoints else None
-    blocks_bar, steps_grad_x = block_and_index_cotangents(blocks, lay, identity_terms, smoothed, moments, model, want_blocks)
+    blocks_bar, steps_grad_x = block_and_index_cotangents(
+        blocks, lay, identity_terms, smoothed, moments, model, want_blocks, scheme.segments
+    )
     grad_x = grad_x + steps_grad_x
 
     noise_bar = None
@@ -169,6 +174,8 @@ def _needs_steps(block, want_blocks: bool) -> bool:
 
 def _unsort(values, model: Model):
     """Per-point values back in the caller's order."""
+    if model.is_sorted is True:  # presorted: nothing to undo (and no scatter compiled)
+        return values
     return jax.lax.cond(
         model.is_sorted, lambda: values, lambda: jnp.zeros_like(values).at[model.order].set(values)
     )
@@ -272,19 +279,22 @@ def index_cotangents(block, a_bar, q_bar, model: Model):
     return h_bar, jnp.sum(q_bar[0] * prior_dot)
 
 
-def _segmented_cumsum(values, starts, reverse=False):
+def _group_cumsum(values, starts, reverse=False, parts=None):
     """Inclusive prefix sums that restart where ``starts`` is true (``reverse``: suffix sums
-    restarting where it marks a segment's end), by an associative scan: exact per segment."""
+    restarting where it marks a group's end), by an associative scan: exact per tie group
+    (over the devices' segments with ``parts``)."""
 
-    def combine(a, b):  # b follows a in the scan's direction; a segment restarts at b's flag
+    def combine(a, b):  # b follows a in the scan's direction; a group restarts at b's flag
         (va, fa), (vb, fb) = a, b
         flag = fb.reshape(fb.shape + (1,) * (vb.ndim - fb.ndim))
         return jnp.where(flag, vb, va + vb), fa | fb
 
+    if parts is not None:
+        return segments.associative_scan(combine, (values, starts), parts, reverse=reverse)[0]
     return jax.lax.associative_scan(combine, (values, starts), reverse=reverse)[0]
 
 
-def tie_correction(slope, smoothed: Smoothed, model: Model, lay: Layout, z):
+def tie_correction(slope, smoothed: Smoothed, model: Model, lay: Layout, z, parts=None):
     r"""What turns the sorted order's one-sided index gradient into the mean of the one-sided
     derivatives where indices tie, for kernels with a kink ``k'(0⁺) = κ ≠ 0`` (Matérn 1/2):
     ``κ (Σ_{j after i} G_ij − Σ_{j before i} G_ij)`` over the points ``j`` tied with ``i``, with
@@ -296,7 +306,7 @@ def tie_correction(slope, smoothed: Smoothed, model: Model, lay: Layout, z):
     ends = shift_back(starts) | (jnp.arange(n) == n - 1)
 
     def after_minus_before(v):  # Σ_{j after} v_j − Σ_{j before} v_j within the tie group
-        return _segmented_cumsum(v, ends, reverse=True) - _segmented_cumsum(v, starts)
+        return _group_cumsum(v, ends, reverse=True, parts=parts) - _group_cumsum(v, starts, parts=parts)
 
     z_diff = after_minus_before(z)
     precision_diff = after_minus_before(precision)
@@ -305,7 +315,7 @@ def tie_correction(slope, smoothed: Smoothed, model: Model, lay: Layout, z):
     return slope * pair
 
 
-def block_and_index_cotangents(blocks, lay, identity_terms, smoothed, moments, model, want_blocks):
+def block_and_index_cotangents(blocks, lay, identity_terms, smoothed, moments, model, want_blocks, parts=None):
     """The blocks' parameter cotangents (``None`` each unless ``want_blocks``) and the generic
     rule's share of the (sorted) index gradient: blocks without a slope identity, and the tie
     correction of kernels with a kink."""
@@ -323,7 +333,7 @@ def block_and_index_cotangents(blocks, lay, identity_terms, smoothed, moments, m
             block_a_bar, block_q_bar = a_bar[part], q_bar[part]
             if block.slope_entry is None:
                 h_bar, first_bar = index_cotangents(block, block_a_bar, block_q_bar, model)
-                h_bar = jnp.concatenate([jnp.zeros(1, h_bar.dtype), h_bar])  # h_0 = 0 is no step
+                h_bar = pad_points(h_bar, 1, 0)  # h_0 = 0 is no step
                 grad_x = grad_x + h_bar - shift_back(h_bar)  # h_k = x_k − x_{k−1}
                 grad_x = grad_x.at[0].add(first_bar)
                 if block.may_kink():
@@ -338,7 +348,7 @@ def block_and_index_cotangents(blocks, lay, identity_terms, smoothed, moments, m
         z = _mm(_t(model.noise_roots), smoothed.whitened_residual)
         grad_x = grad_x + jax.lax.cond(
             jnp.any(model.h[1:] == 0),
-            lambda: tie_correction(slope, smoothed, model, lay, z),
+            lambda: tie_correction(slope, smoothed, model, lay, z, parts),
             lambda: jnp.zeros_like(grad_x),
         )
     return tuple(out), grad_x

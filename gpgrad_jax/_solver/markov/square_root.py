@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import solve_lower, solve_lower_transposed, triangularize
 from gpgrad_jax._smallmatrix import transpose as _t
+from gpgrad_jax._solver.markov import segments
 from gpgrad_jax._solver.markov.model import Smoothed, read_values, rows, shift_back, shift_forward, split
 
 Array = Any
@@ -103,21 +104,31 @@ def _filtered_shapes(model):
     return [(big, q), (big, big), (p, big), (p, q), (), ()]
 
 
-def filter_sequential(model, layout) -> Filtered:
-    big = model.transition.shape[-1]
-    q = model.obs.shape[-1]
-    dtype = model.obs.dtype
-
+def _filter_scan(inputs, init, layout, shapes):
     def step(carry, inputs):
         transition, noise_factor, noise_roots, obs = inputs
         pred_mean, pred_factor = _predict(transition, noise_factor, *carry)
         out = _update(pred_mean, pred_factor, noise_roots, obs, layout)
         return out[:2], rows(*out)
 
-    init = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
-    inputs = (model.transition, model.process_noise_factor, model.noise_roots, model.obs)
     _, stacked = jax.lax.scan(step, init, inputs)
-    return Filtered(*split(stacked, _filtered_shapes(model)))
+    return split(stacked, shapes)
+
+
+def filter_sequential(model, layout, parts=None) -> Filtered:
+    """The filter as a ``lax.scan`` (over contiguous segments: ``parts``, see ``segments``)."""
+    big = model.transition.shape[-1]
+    q = model.obs.shape[-1]
+    dtype = model.obs.dtype
+    zero = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
+    inputs = (model.transition, model.process_noise_factor, model.noise_roots, model.obs)
+    shapes = _filtered_shapes(model)
+    if parts is None:
+        return Filtered(*_filter_scan(inputs, zero, layout, shapes))
+    # A range's composed element gives the filtered mean and factor (offset, factor) after it.
+    run = lambda xs, init: _filter_scan(xs, init, layout, shapes)  # noqa: E731
+    entry = lambda total: (total[1], total[2])  # noqa: E731
+    return Filtered(*segments.scan(run, inputs, _elements(model, layout), _combine, entry, zero, parts))
 
 
 # -------------------------------------------------- backward information filter
@@ -151,25 +162,38 @@ def _merge(info_root, info_obs, obs_matrix, obs):
     return _t(post[..., :big, :big]), _t(post[..., big:, :big])
 
 
-def information_sequential(model, want_including: bool):
+def information_sequential(model, layout, want_including: bool, parts=None):
     """For every ``k`` the pseudo-observation of ``s_k`` by the data after ``k`` (and, with
-    ``want_including``, by the data from ``k`` on), as a reverse ``lax.scan``."""
+    ``want_including``, by the data from ``k`` on), as a reverse ``lax.scan`` (over contiguous
+    segments: ``parts``, see ``segments``)."""
     q = model.obs.shape[-1]
     big = model.transition.shape[-1]
     dtype = model.obs.dtype
 
-    def step(carry, inputs):
-        transition, noise_factor, obs_matrix, obs = inputs
-        after = _time_update(transition, noise_factor, *carry)
-        including = _merge(*after, obs_matrix, obs)
-        out = after + including if want_including else after
-        return including, rows(*out)
+    def run(inputs, init):
+        def step(carry, inputs):
+            transition, noise_factor, obs_matrix, obs = inputs
+            after = _time_update(transition, noise_factor, *carry)
+            including = _merge(*after, obs_matrix, obs)
+            out = after + including if want_including else after
+            return including, rows(*out)
 
-    init = (jnp.zeros((big, big), dtype), jnp.zeros((big, q), dtype))
-    inputs = (shift_back(model.transition), shift_back(model.process_noise_factor), model.obs_matrix, model.obs)
-    _, stacked = jax.lax.scan(step, init, inputs, reverse=True)
-    shapes = [(big, big), (big, q)] * (2 if want_including else 1)
-    return split(stacked, shapes)
+        _, stacked = jax.lax.scan(step, init, inputs, reverse=True)
+        return split(stacked, [(big, big), (big, q)] * (2 if want_including else 1))
+
+    zero = (jnp.zeros((big, big), dtype), jnp.zeros((big, q), dtype))
+    transition, noise_factor = shift_back(model.transition), shift_back(model.process_noise_factor)
+    if parts is None:
+        return run((transition, noise_factor, model.obs_matrix, model.obs), zero)
+    # A composition of the elements after a segment is the pseudo-observation of the segment's
+    # last state (by the later data), not of the next one, which the carry is: at each segment's
+    # last point the step's time update runs with A = I, L = 0 (it then only re-triangularises).
+    ends = segments.segment_ends(model.obs.shape[0], parts)[:, None, None]
+    transition = jnp.where(ends, jnp.eye(big, dtype=dtype), transition)
+    noise_factor = jnp.where(ends, 0.0, noise_factor)
+    entry = lambda total: (total[3], total[4])  # noqa: E731
+    inputs = (transition, noise_factor, model.obs_matrix, model.obs)
+    return segments.scan(run, inputs, _elements(model, layout), _combine, entry, zero, parts, reverse=True)
 
 
 # ------------------------------------------------------------ associative scans
@@ -241,7 +265,7 @@ def information_parallel(model, layout, want_including: bool):
 # ------------------------------------------------------------------ smoother
 
 
-def smooth(filtered: Filtered, model, layout, parallel: bool, want_adjoints: bool) -> Smoothed:
+def smooth(filtered: Filtered, model, layout, parallel: bool, want_adjoints: bool, parts=None) -> Smoothed:
     """Smoothed marginals from the filtered moments and the backward pseudo-observations.
 
     With ``want_adjoints`` also ``ν_k = ∂L/∂m⁻_k`` and ``N_k`` (``∂L/∂P⁻_k = ½(ν_kν_kᵀ − qN_k)``)
@@ -251,7 +275,7 @@ def smooth(filtered: Filtered, model, layout, parallel: bool, want_adjoints: boo
     if parallel:
         info = information_parallel(model, layout, want_adjoints)
     else:
-        info = information_sequential(model, want_adjoints)
+        info = information_sequential(model, layout, want_adjoints, parts)
     after_root, after_obs = info[:2]
     n, big, _ = filtered.mean.shape
     p = filtered.c_factor.shape[1]
