@@ -201,3 +201,28 @@ def test_batched_benchmark_quick_mode_writes_json_and_plot(tmp_path):
     for entry in report["results"]:
         assert entry["gradient_relative_difference"]["written out"] < 1e-8
         assert set(entry["series"]) == {"written out", "LAPACK one at a time", "single problem (LAPACK)", "LAPACK batched"}
+
+
+def _value_pair(line, label, other):
+    """``label: VALUE (other: VALUE)`` → the two values."""
+    assert line.startswith(f"{label}: ") and f"({other}: " in line, line
+    first, second = line.removeprefix(f"{label}: ").removesuffix(")").split(f" ({other}: ")
+    return float(first), float(second)
+
+
+@pytest.mark.slow
+def test_distributed_gplvm_on_two_processes(tmp_path):
+    """Two processes on localhost, the points split between them: the one-process bound."""
+    lines = _run("distributed_gplvm.py", "--processes", "2", tmp_path=tmp_path)
+    cluster, alone = _value_pair(lines[-1], "bound", "one process")
+    assert abs(cluster - alone) <= 1e-9 * abs(alone), lines[-1]
+    before, after = (float(v) for v in lines[-2].removeprefix("layout error (Procrustes): ").split(" -> "))
+    assert after < before, lines[-2]
+
+
+@pytest.mark.slow
+def test_distributed_series_on_four_devices(tmp_path):
+    lines = _run("distributed_series.py", "--devices", "4", tmp_path=tmp_path)
+    on_mesh, alone = _value_pair(lines[-1], "log density", "one device")
+    assert abs(on_mesh - alone) <= 1e-9 * abs(alone), lines[-1]
+    assert "P('time',)" in lines[-2], lines[-2]
