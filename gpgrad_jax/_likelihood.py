@@ -338,10 +338,12 @@ def inducing_bound(
             ``gpgrad_jax/_solver/inducing.py`` has numbers): in float32, spread them out.
         points_per_block: points per block of the backward pass (``None``: its per-pair arrays
             hold about 10⁵ entries, in cache); a memory knob, the result is the same.
-        mesh, axis: one problem over many devices and hosts — the points split along the axis
-            ``axis`` of the ``jax.sharding.Mesh`` ``mesh``, the sums over points reduced across
-            it ([``solvers.Inducing``][gpgrad_jax.solvers.Inducing] has the details; the docs'
+        mesh: one problem over many devices and hosts — a ``jax.sharding.Mesh`` whose axis
+            ``axis`` the points are split along, the sums over points reduced across it
+            ([``solvers.Inducing``][gpgrad_jax.solvers.Inducing] has the details; the docs'
             "Scaling out" page the recipes). The result is the one-device bound.
+        axis: the mesh axis of the points (a name or a tuple of names; ``None`` for a mesh of
+            one axis).
 
     Returns:
         The scalar bound.

@@ -138,6 +138,11 @@ def _bound_grads(kernel, x, y, nz, z, mean, mesh=None):
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
+def _index_gradient(kernel, x, y, nz, mean, solver):
+    return gg.index_gradient(kernel, x, y, nz, mean, solver=solver)
+
+
+@functools.partial(jax.jit, static_argnames=("solver",))
 def _density_grads(kernel, x, y, nz, mean, solver):
     return jax.value_and_grad(gg.log_marginal_likelihood, argnums=(0, 1, 2, 3, 4))(kernel, x, y, nz, mean, solver=solver)
 
@@ -216,6 +221,8 @@ def test_markov_over_a_mesh(form, kernel_name, seed, noise_kind):
     single = _density_grads(*args, solver=one)
     split = _density_grads(*_place(args, _mesh(), n), solver=many)
     assert_trees_close(split, single, _rtol(), f"{kernel_name} over a mesh, {form}")
+    index = _index_gradient(*_place(args, _mesh(), n), solver=many)
+    assert_trees_close(index, _index_gradient(*args, solver=one), _rtol(), f"{kernel_name}: index_gradient over a mesh")
 
 
 @enough_devices
@@ -244,6 +251,10 @@ def test_markov_over_a_mesh_refuses_what_it_cannot_do():
         gg.log_marginal_likelihood(kernel, jnp.sort(x)[:22], y[:22], nz, solver=solver)
     with pytest.raises(NotImplementedError, match="over a `mesh`"):
         gg.predict(kernel, jnp.sort(x), y, nz, jnp.ones(2), solver=solver)
+    with pytest.raises(NotImplementedError, match="over a `mesh`"):
+        gg.predict(kernel, jnp.sort(x), y, nz, jnp.ones(2), solver=solver, full_covariance=True)
+    with pytest.raises(NotImplementedError, match="over a `mesh`"):
+        gg.sample_posterior(jax.random.key(0), kernel, jnp.sort(x), y, nz, jnp.ones(2), 2, solver=solver)
     with pytest.raises(ValueError, match="`axis` must name axes"):
         gg.solvers.Markov(mesh=_mesh(), axis="time")
     with pytest.raises(ValueError, match="parallel=True"):

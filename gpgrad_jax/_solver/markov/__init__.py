@@ -62,15 +62,16 @@ class Markov(Solver):
             (C++ built at install, one custom call per pass); ``None`` (default): where built,
             else the JAX scans after a one-time warning; ``False``: the JAX scans (the
             reference). Other forms, scans and platforms always run JAX.
-        mesh, axis: one series over many devices and hosts — the points, sorted, split along the
-            axis ``axis`` (a name or a tuple of names; ``None`` for a mesh of one axis) of the
-            ``jax.sharding.Mesh`` ``mesh`` into contiguous segments, one per device: each device
+        mesh: one series over many devices and hosts — a ``jax.sharding.Mesh``; the points,
+            sorted, split along ``axis`` into contiguous segments, one per device: each device
             runs the recursions over its segment, conditional on the state entering it, a small
             gather of the segments' summaries gives every segment its true entry, and each reruns
             its segment from there (``segments.py``; the JAX scans, not the native passes). The
             value and every cotangent are the one-device ones; only neighbouring points and the
             summaries move between devices. ``x`` must come sorted (no global sort), ``n`` a
             multiple of the axis's size; ``predict`` and ``sample_posterior`` are not available.
+        axis: the axis of ``mesh`` the series is split along (a name or a tuple of names;
+            ``None`` for a mesh of one axis).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -195,6 +196,10 @@ class Markov(Solver):
             return None, None  # the covariance form has no estimate; float64's is never near the level
         spread = rule._forward(scheme, *self._args(prepared))[1][1].spread
         return eps * jnp.max(spread), diagnostics.PRECISION_WARNING_LEVEL
+
+    def predict_covariance(self, prepared, x_new):
+        self._no_posterior()
+        return super().predict_covariance(prepared, x_new)
 
     def sample(self, key, prepared, x_new, num_samples):
         self._no_posterior()
