@@ -16,9 +16,6 @@ import sys
 import jax
 import numpy as np
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.config.update("jax_enable_x64", True)
-
 
 def _relative(cluster, alone) -> float:
     """The largest difference between a result on the cluster and on one device, relative to the
@@ -33,6 +30,9 @@ def _relative(cluster, alone) -> float:
 
 
 def main(process_id: int, port: int) -> None:
+    # Here, not at import: pytest imports every module under tests/ for its doctests.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_x64", True)
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     from jax.sharding import NamedSharding, PartitionSpec
 
