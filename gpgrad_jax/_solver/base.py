@@ -138,3 +138,26 @@ def call(method, *args):
             "jax.jit, or build the mesh with axis_types=(jax.sharding.AxisType.Auto,); see the "
             "README's 'Scaling out'."
         ) from err
+
+
+def mesh_axis(mesh, axis, what: str) -> tuple[Any, int] | None:
+    """``(axis, size)``: the axis of ``mesh`` that ``what`` (the points, the series) is split
+    along, checked — ``axis`` a name or a tuple of names, ``None`` for a mesh of one axis — and
+    its number of devices; ``None`` without a mesh."""
+    if mesh is None:
+        if axis is not None:
+            raise ValueError(f"`axis` ({axis!r}) names an axis of `mesh`, which is None: pass the mesh too")
+        return None
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh (or None), got {type(mesh).__name__}")
+    if axis is None:
+        if len(mesh.axis_names) != 1:
+            raise ValueError(f"`axis`: name the mesh axis {what} split along, one of {mesh.axis_names}")
+        axis = mesh.axis_names[0]
+    names = axis if isinstance(axis, tuple) else (axis,)
+    if not names or any(a not in mesh.axis_names for a in names):
+        raise ValueError(f"`axis` must name axes of `mesh` {mesh.axis_names} (a name or a tuple of names), got {axis!r}")
+    size = 1
+    for name in names:
+        size *= mesh.shape[name]
+    return axis, size

@@ -47,7 +47,7 @@ from gpgrad_jax._arguments import all_hold, as_float_array, check_finite, check_
 from gpgrad_jax._linalg import Cholesky, cho_inverse, cholesky
 from gpgrad_jax._noise import BlockDiagonal
 from gpgrad_jax._rules import unwrap_primals
-from gpgrad_jax._solver.base import Inapplicable, Solver
+from gpgrad_jax._solver.base import Inapplicable, Solver, mesh_axis
 
 Array = Any
 
@@ -98,15 +98,13 @@ def _jittered_gram(kernel, z, jitter):
     return kzz + eps * jnp.eye(z.shape[0], dtype=kzz.dtype)
 
 
-def _posterior_precision(a, precision, with_identity=True):
-    """``B = I + Σ_i a_i a_iᵀ ⊗ Λ_i`` as ``(mp, mp)`` (without ``I``: the sum alone)."""
+def _precision_sum(a, precision):
+    """``Σ_i a_i a_iᵀ ⊗ Λ_i`` as ``(mp, mp)``: ``B`` without its ``I``."""
     m = a.shape[0]
     p = precision.shape[-1]
     if p == 1:  # the isotropic case: one m × m product
-        core = (a * precision[:, 0, 0]) @ a.T
-    else:
-        core = jnp.einsum("ji,iab,li->jalb", a, precision, a).reshape(m * p, m * p)
-    return core + jnp.eye(m * p, dtype=a.dtype) if with_identity else core
+        return (a * precision[:, 0, 0]) @ a.T
+    return jnp.einsum("ji,iab,li->jalb", a, precision, a).reshape(m * p, m * p)
 
 
 def bound(kernel, root, q, x, z, r, jitter, axis=None, n_total=None) -> Bound:
@@ -130,7 +128,7 @@ def bound(kernel, root, q, x, z, r, jitter, axis=None, n_total=None) -> Bound:
     trace = q * jnp.trace(blocks.precision, axis1=-2, axis2=-1)
     core, c, data_term, leftover_term = _over_points(
         (
-            _posterior_precision(a, blocks.precision, with_identity=False),
+            _precision_sum(a, blocks.precision),
             jnp.einsum("ji,iaq->jaq", a, rho).reshape(m * p, q),
             jnp.sum(residual * rho),
             jnp.sum(trace * (kernel_diagonal - jnp.sum(a * a, axis=0))),
@@ -321,10 +319,11 @@ def blocked_point_terms(kernel, root, q, x, z, r, fwd: Bound, want_kernel, want_
 
 class Points(NamedTuple):
     """How the points are laid out: split along ``axis`` (a name or a tuple of names) of
-    ``mesh``, ``n`` of them in all (the arrays may carry padding beyond them)."""
+    ``mesh`` over its ``devices``, ``n`` of them in all (the arrays may carry padding beyond)."""
 
     mesh: Any
     axis: Any
+    devices: int
     n: int
 
 
@@ -519,22 +518,8 @@ class Inducing(Solver):
 
     def _points(self, n: int) -> Points | None:
         """The layout of ``n`` points over the mesh (``None`` without one), checked."""
-        mesh, axis = self.mesh, self.axis
-        if mesh is None:
-            if axis is not None:
-                raise ValueError(f"`axis` ({axis!r}) names an axis of `mesh`, which is None: pass the mesh too")
-            return None
-        if not isinstance(mesh, jax.sharding.Mesh):
-            raise TypeError(f"`mesh` must be a jax.sharding.Mesh (or None), got {type(mesh).__name__}")
-        if axis is None:
-            if len(mesh.axis_names) != 1:
-                raise ValueError(f"`axis`: name the mesh axis the points are split along, one of {mesh.axis_names}")
-            axis = mesh.axis_names[0]
-        names = axis if isinstance(axis, tuple) else (axis,)
-        unknown = [a for a in names if a not in mesh.axis_names]
-        if unknown or not names:
-            raise ValueError(f"`axis` must name axes of `mesh` {mesh.axis_names} (a name or a tuple of names), got {axis!r}")
-        return Points(mesh, axis, n)
+        checked = mesh_axis(self.mesh, self.axis, "the points are")
+        return None if checked is None else Points(self.mesh, checked[0], checked[1], n)
 
     def _laid_out(self, prepared):
         """``(kernel, root, x, z, r, q, points)``: the noise as its roots, padded to a multiple of
@@ -545,8 +530,7 @@ class Inducing(Solver):
         root, q = noise.observation_blocks(n, dim)
         points = self._points(n)
         if points is not None:
-            names = points.axis if isinstance(points.axis, tuple) else (points.axis,)
-            pad = -n % math.prod(points.mesh.shape[a] for a in names)
+            pad = -n % points.devices
             if pad:
                 x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad, *x.shape[1:]))])
                 r = jnp.concatenate([r, jnp.zeros((pad, dim), r.dtype)])

@@ -26,7 +26,7 @@ import numpy as np
 
 from gpgrad_jax._arguments import check_rule, poison
 from gpgrad_jax._noise import BlockDiagonal
-from gpgrad_jax._solver.base import Inapplicable, Solver
+from gpgrad_jax._solver.base import Inapplicable, Solver, mesh_axis
 from gpgrad_jax._solver.markov import diagnostics, native, posterior, rule
 from gpgrad_jax._solver.markov.blocks import NoStateSpaceForm, model_blocks
 from gpgrad_jax._solver.markov.forms import Scheme, default_square_root
@@ -103,23 +103,12 @@ class Markov(Solver):
         self._segments()  # the mesh and axis, checked now
 
     def _segments(self) -> Segments | None:
-        mesh, axis = self.mesh, self.axis
-        if mesh is None:
-            if axis is not None:
-                raise ValueError(f"`axis` ({axis!r}) names an axis of `mesh`, which is None: pass the mesh too")
+        checked = mesh_axis(self.mesh, self.axis, "the series is")
+        if checked is None:
             return None
-        if not isinstance(mesh, jax.sharding.Mesh):
-            raise TypeError(f"`mesh` must be a jax.sharding.Mesh (or None), got {type(mesh).__name__}")
         if self.parallel:
             raise ValueError("`parallel=True` with a `mesh`: over a mesh the segments run sequential scans; drop one")
-        if axis is None:
-            if len(mesh.axis_names) != 1:
-                raise ValueError(f"`axis`: name the mesh axis the series is split along, one of {mesh.axis_names}")
-            axis = mesh.axis_names[0]
-        names = axis if isinstance(axis, tuple) else (axis,)
-        if not names or any(a not in mesh.axis_names for a in names):
-            raise ValueError(f"`axis` must name axes of `mesh` {mesh.axis_names} (a name or a tuple of names), got {axis!r}")
-        return Segments(mesh, axis, int(np.prod([mesh.shape[a] for a in names])))
+        return Segments(self.mesh, *checked)
 
     @property
     def name(self) -> str:
