@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -367,3 +369,20 @@ def solver_params(names=None, fast=("dense", "markov"), float32=("dense", "marko
             marks.append(pytest.mark.float32)
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def rerun_on_host_devices(path: str, devices: int, timeout: float) -> None:
+    """Run the test file ``path`` in a fresh process with ``devices`` forced host (CPU) devices —
+    the device count is fixed when JAX starts — and assert that its tests passed."""
+    # The device count first (XLA stops at a word without "--").
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_cpu_multi_thread_eigen=false "
+    flags += os.environ.get("XLA_FLAGS", "")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", path],
+        env=dict(os.environ, XLA_FLAGS=flags),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-3000:]

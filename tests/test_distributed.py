@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from problems import STATE_SPACE_KERNELS, assert_trees_close, make_markov_problem, make_problem
+from problems import STATE_SPACE_KERNELS, assert_trees_close, make_markov_problem, make_problem, rerun_on_host_devices
 
 import gpgrad_jax as gg
 
@@ -36,17 +36,7 @@ enough_devices = pytest.mark.skipif(
 @pytest.mark.slow  # float64 only in CI (its budget); JAX_ENABLE_X64=0 runs it in float32 (2e-3)
 @pytest.mark.skipif(jax.device_count() >= DEVICES, reason="this process has the devices itself")
 def test_on_forced_host_devices():
-    flags = f"--xla_force_host_platform_device_count={DEVICES} --xla_cpu_multi_thread_eigen=false "
-    flags += os.environ.get("XLA_FLAGS", "")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=dict(os.environ, XLA_FLAGS=flags),
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-3000:]
+    rerun_on_host_devices(__file__, DEVICES, timeout=1500)
 
 
 def _free_port() -> int:

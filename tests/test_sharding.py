@@ -4,9 +4,6 @@ The device count is fixed when JAX starts, so on a machine with fewer than four 
 launcher test reruns this file in a subprocess with four forced host (CPU) devices.
 """
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gpgrad_jax as gg
-from tests.problems import make_markov_problem
+from tests.problems import make_markov_problem, rerun_on_host_devices
 
 DEVICES = 4
 BATCH = 8
@@ -32,18 +29,7 @@ enough_devices = pytest.mark.skipif(
 @pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() >= DEVICES, reason="this process has the devices itself")
 def test_on_forced_host_devices():
-    # The device count first (XLA stops at a word without "--").
-    flags = f"--xla_force_host_platform_device_count={DEVICES} --xla_cpu_multi_thread_eigen=false "
-    flags += os.environ.get("XLA_FLAGS", "")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", __file__],
-        env=dict(os.environ, XLA_FLAGS=flags),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-3000:]
+    rerun_on_host_devices(__file__, DEVICES, timeout=900)
 
 
 def _mesh():
