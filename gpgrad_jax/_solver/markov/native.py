@@ -96,16 +96,16 @@ def _native_pass(target: str, results, *operands):
     """Bind one native pass: ``results`` are ``jax.ShapeDtypeStruct``s whose shapes hold the same
     leading batch axes as every operand's."""
     results = tuple((tuple(r.shape), jnp.dtype(r.dtype).name) for r in results)
-    ranks = tuple(np.ndim(o) for o in operands)
-    return tuple(_pass_p.bind(*operands, target=target, results=results, ranks=ranks))
+    # The unbatched rank of the first operand: what ``vmap`` adds in front of it is the batch.
+    return tuple(_pass_p.bind(*operands, target=target, results=results, rank=np.ndim(operands[0])))
 
 
-def _abstract_eval(*avals, target, results, ranks):
-    del avals, target, ranks
+def _abstract_eval(*avals, target, results, rank):
+    del avals, target, rank
     return [jax.core.ShapedArray(shape, jnp.dtype(dtype)) for shape, dtype in results]
 
 
-def _batch(args, dims, *, target, results, ranks):
+def _batch(args, dims, *, target, results, rank):
     """A ``vmap``ped pass is the same pass with one more leading batch axis on every operand."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     args = [
@@ -113,7 +113,7 @@ def _batch(args, dims, *, target, results, ranks):
         for a, d in zip(args, dims)
     ]
     results = tuple(((size, *shape), dtype) for shape, dtype in results)
-    outs = _pass_p.bind(*args, target=target, results=results, ranks=ranks)
+    outs = _pass_p.bind(*args, target=target, results=results, rank=rank)
     return outs, [0] * len(outs)
 
 
@@ -144,8 +144,8 @@ def _sharding_rule(batch: tuple[int, ...], shapes) -> str:
     return f"#sdy.op_sharding_rule<({left})->({right}) {{{factors}}}{replicated}, custom>"
 
 
-def _lower(ctx, *operands, target, results, ranks):
-    batch = tuple(ctx.avals_in[0].shape[: ctx.avals_in[0].ndim - ranks[0]])
+def _lower(ctx, *operands, target, results, rank):
+    batch = tuple(ctx.avals_in[0].shape[: ctx.avals_in[0].ndim - rank])
     # XLA partitions a custom call over its leading ``num_batch_dims`` axes (as it does jaxlib's
     # LAPACK calls); Shardy's rule carries the batch sharding through propagation.
     attributes = {"mhlo.frontend_attributes": ir.DictAttr.get({"num_batch_dims": ir.StringAttr.get(str(len(batch)))})}
