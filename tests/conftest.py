@@ -16,7 +16,9 @@
 * Hypothesis: deterministic (derandomised), no deadline (the first call of a shape compiles).
 * The fast profile compiles with ``jax_disable_most_optimizations`` and XLA:CPU's older loop
   emitter (``--xla_cpu_use_fusion_emitters=false``): faster to compile, less optimised code; the
-  full profile with XLA's defaults, as users compile.
+  full profile with XLA's defaults, as users compile. ``GPGRAD_XLA=fast`` or ``default`` overrides
+  the profile's choice (``.ci/run`` runs the full float64 pass with the fast compiler, its float32
+  pass — where XLA's rewrites could change a rounding — with the defaults).
 * JAX's persistent compilation cache (in ``~/.cache/gpgrad_jax``) makes repeated runs faster.
 """
 
@@ -32,7 +34,12 @@ from importlib.metadata import version
 # backend, which reads the flags once. The full profile compiles as users' programs are compiled.
 # XLA aborts a process whose XLA_FLAGS name a flag it does not know: on a jaxlib other than the
 # one measured, a child process tries the flag first (the xdist workers inherit the result).
-if os.environ.get("GPGRAD_TESTS", "fast") == "fast" and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+if os.environ.setdefault("GPGRAD_XLA", "fast" if os.environ.get("GPGRAD_TESTS", "fast") == "fast" else "default") not in (
+    "fast",
+    "default",
+):
+    raise ValueError(f"GPGRAD_XLA must be 'fast' or 'default', got {os.environ['GPGRAD_XLA']!r}")
+if os.environ["GPGRAD_XLA"] == "fast" and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
     _flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()
     if version("jaxlib").startswith("0.10.") or subprocess.run(
         [sys.executable, "-c", "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"],
@@ -68,7 +75,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if PROFILE == "f
 
 # The fast profile also compiles without XLA's expensive backend optimisations (measured −20 %
 # on test_markov + test_time_series, cold).
-if PROFILE == "fast" and os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") is None:
+if os.environ["GPGRAD_XLA"] == "fast" and os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") is None:
     jax.config.update("jax_disable_most_optimizations", True)
 
 jax.config.update(

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from problems import STATE_SPACE_KERNELS, assert_trees_close, make_markov_problem, make_problem, rerun_on_host_devices
@@ -139,6 +139,7 @@ def _density_grads(kernel, x, y, nz, mean, solver):
 @enough_devices
 @pytest.mark.parametrize("noise_kind", BOUND_NOISES)
 @pytest.mark.parametrize("index_dim", [None, 2])
+@settings(max_examples=min(4, settings.default.max_examples))  # sharded programs: compile-bound (CI's budget)
 @given(seed=st.integers(0, 2**16), n=st.sampled_from([24, 22]))
 def test_inducing_bound_over_a_mesh(noise_kind, index_dim, seed, n):
     """Value and every cotangent (kernel, x, y, noise, Z, mean) of the bound with the points over
@@ -201,6 +202,7 @@ MESH_KERNELS = ["matern32", "curve", "quasi_periodic"]
 @enough_devices
 @pytest.mark.parametrize("form", ["covariance", "square-root"])
 @pytest.mark.parametrize("kernel_name", [k for k in MESH_KERNELS if k in STATE_SPACE_KERNELS])
+@settings(max_examples=min(4, settings.default.max_examples))  # sharded programs: compile-bound (CI's budget)
 @given(seed=st.integers(0, 2**16), noise_kind=st.sampled_from(["isotropic", "per_point_rank_deficient"]))
 def test_markov_over_a_mesh(form, kernel_name, seed, noise_kind):
     """A sorted series of 24 points with ties, in four segments: the one-device value and every

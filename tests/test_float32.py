@@ -99,8 +99,15 @@ def assert_meets_targets(problem, solver, may_warn=False):
     assert may_warn or not warned, report
 
 
-@pytest.mark.parametrize("solver", ["markov", pytest.param("markov-parallel", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("n, span", [(2000, 20.0), pytest.param(20_000, 200.0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "solver, n, span",
+    [
+        ("markov", 2000, 20.0),
+        pytest.param("markov", 20_000, 200.0, marks=pytest.mark.slow),
+        # the associative scans at n = 2·10⁴ compiled for 210 s: the long series is the sequential one's
+        pytest.param("markov-parallel", 2000, 20.0, marks=pytest.mark.slow),
+    ],
+)
 def test_camera_ray_curve_meets_the_float32_targets(solver, n, span):
     """The issue's table: the covariance form gave 3.7e-3 and 1.9e-3 here (worst 2.5e-2, 5.4e-2)."""
     assert_meets_targets(camera_curve(n, span), solver)
