@@ -26,7 +26,8 @@ setup(
     ext_modules=[
         Extension(
             "gpgrad_jax._native",
-            sources=["csrc/markov_kernels.cc"],
+            sources=["csrc/covariance.cc", "csrc/square_root.cc"],
+            depends=["csrc/small_matrix.h"],
             language="c++",
             extra_compile_args=["-O3", "-std=c++17", "-Wno-attributes", "-Wno-return-type"],
             optional=True,  # no compiler: install without it (the JAX scans run instead)

@@ -13,95 +13,22 @@
 //             recursion ν_k = E_k ν_{k+1} + CᵀU⁻¹v, N_k = E_k N_{k+1} E_kᵀ + CᵀU⁻¹C with
 //             E_k = (I − K_k C_k)ᵀ A_{k+1}ᵀ.
 
-#include <cmath>
 #include <cstdint>
-#include <string>
 #include <type_traits>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "small_matrix.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// c (r × s) = a (r × k) · b (k × s). Each entry a dot product kept in a register: the outputs
-// never alias the inputs (``__restrict__``), so nothing waits on a store.
-template <typename T>
-inline void MatMul(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, int64_t r,
-                   int64_t k, int64_t s) {
-  for (int64_t i = 0; i < r; ++i) {
-    for (int64_t j = 0; j < s; ++j) {
-      T acc = T(0);
-      for (int64_t l = 0; l < k; ++l) acc += a[i * k + l] * b[l * s + j];
-      c[i * s + j] = acc;
-    }
-  }
-}
-
-// c (r × s) = a (r × k) · bᵀ, b (s × k)
-template <typename T>
-inline void MatMulT(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, int64_t r,
-                    int64_t k, int64_t s) {
-  for (int64_t i = 0; i < r; ++i) {
-    for (int64_t j = 0; j < s; ++j) {
-      T acc = T(0);
-      for (int64_t l = 0; l < k; ++l) acc += a[i * k + l] * b[j * k + l];
-      c[i * s + j] = acc;
-    }
-  }
-}
-
-// c (r × s) = aᵀ · b for a (k × r), b (k × s)
-template <typename T>
-inline void TMatMul(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ c, int64_t r,
-                    int64_t k, int64_t s) {
-  for (int64_t i = 0; i < r; ++i) {
-    for (int64_t j = 0; j < s; ++j) {
-      T acc = T(0);
-      for (int64_t l = 0; l < k; ++l) acc += a[l * r + i] * b[l * s + j];
-      c[i * s + j] = acc;
-    }
-  }
-}
-
-// (U⁻¹, log|U|) of a small symmetric positive definite U (p × p) by Cholesky: U⁻¹ = TᵀT with
-// T = L⁻¹. A pivot that is not positive gives NaN, which reaches the outputs (as in JAX).
-template <typename T>
-inline T SpdInverse(const T* u, T* inverse, T* low, T* tri, int64_t p) {
-  for (int64_t i = 0; i < p * p; ++i) low[i] = T(0);
-  T logdet = T(0);
-  for (int64_t j = 0; j < p; ++j) {
-    T pivot = u[j * p + j];
-    for (int64_t l = 0; l < j; ++l) pivot -= low[j * p + l] * low[j * p + l];
-    const T root = std::sqrt(pivot);
-    low[j * p + j] = root;
-    logdet += T(2) * std::log(root);
-    for (int64_t i = j + 1; i < p; ++i) {
-      T v = u[i * p + j];
-      for (int64_t l = 0; l < j; ++l) v -= low[i * p + l] * low[j * p + l];
-      low[i * p + j] = v / root;
-    }
-  }
-  // T = L⁻¹ by forward substitution, column by column.
-  for (int64_t i = 0; i < p * p; ++i) tri[i] = T(0);
-  for (int64_t j = 0; j < p; ++j) {
-    tri[j * p + j] = T(1) / low[j * p + j];
-    for (int64_t i = j + 1; i < p; ++i) {
-      T v = T(0);
-      for (int64_t l = j; l < i; ++l) v -= low[i * p + l] * tri[l * p + j];
-      tri[i * p + j] = v / low[i * p + i];
-    }
-  }
-  for (int64_t i = 0; i < p; ++i) {
-    for (int64_t j = 0; j < p; ++j) {
-      T acc = T(0);
-      for (int64_t l = (i > j ? i : j); l < p; ++l) acc += tri[l * p + i] * tri[l * p + j];
-      inverse[i * p + j] = acc;
-    }
-  }
-  return logdet;
-}
+using gpgrad::Dispatch;
+using gpgrad::MatMul;
+using gpgrad::MatMulT;
+using gpgrad::Rank;
+using gpgrad::SpdInverse;
+using gpgrad::TMatMul;
 
 // NB, PB > 0: the state size N and the observation rows p known at compile time, so that the
 // small loops unroll (2× faster for the built-in kernels' models); 0: read at run time.
@@ -246,37 +173,6 @@ void SmoothOne(const T* a, const T* c, const T* o, const T* pred_mean, const T* 
   }
 }
 
-// Runs CALL(NB, PB) with the sizes as compile-time constants for float64 models of N ≤ 8 states
-// and p ≤ 3 observation rows (the built-in kernels'), with run-time sizes otherwise.
-template <typename T, typename F>
-void Dispatch(int64_t big, int64_t p, F&& call) {
-  if constexpr (std::is_same_v<T, double>) {
-    if (p >= 1 && p <= 3 && big >= 1 && big <= 8) {
-      const int64_t key = (p - 1) * 8 + (big - 1);
-      switch (key) {
-#define GPGRAD_CASE(P, N) \
-  case (P - 1) * 8 + (N - 1): call(std::integral_constant<int, N>{}, std::integral_constant<int, P>{}); return;
-#define GPGRAD_ROW(P) \
-  GPGRAD_CASE(P, 1) GPGRAD_CASE(P, 2) GPGRAD_CASE(P, 3) GPGRAD_CASE(P, 4) GPGRAD_CASE(P, 5) GPGRAD_CASE(P, 6) GPGRAD_CASE(P, 7) GPGRAD_CASE(P, 8)
-        GPGRAD_ROW(1)
-        GPGRAD_ROW(2)
-        GPGRAD_ROW(3)
-#undef GPGRAD_ROW
-#undef GPGRAD_CASE
-      }
-    }
-  }
-  call(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
-}
-
-template <typename Buf>
-ffi::Error Rank(const Buf& buffer, size_t at_least, const char* name) {
-  if (buffer.dimensions().size() < at_least) {
-    return ffi::Error::InvalidArgument(std::string(name) + " has too few dimensions");
-  }
-  return ffi::Error::Success();
-}
-
 template <ffi::DataType DT>
 ffi::Error Filter(ffi::Buffer<DT> a, ffi::Buffer<DT> noise, ffi::Buffer<DT> c, ffi::Buffer<DT> o,
                   ffi::ResultBuffer<DT> pred_mean, ffi::ResultBuffer<DT> pred_cov,
@@ -293,7 +189,8 @@ ffi::Error Filter(ffi::Buffer<DT> a, ffi::Buffer<DT> noise, ffi::Buffer<DT> c, f
   const int64_t batch = static_cast<int64_t>(a.element_count()) / (n * big * big);
   std::vector<T> work(big * q + 3 * big * big + 2 * big * p + 4 * p * p + 2 * p * q + big * p);
   for (int64_t b = 0; b < batch; ++b) {
-    Dispatch<T>(big, p, [&](auto nb, auto pb) {
+    // float32 runs the square-root form by default: its covariance passes keep run-time sizes.
+    Dispatch<std::is_same_v<T, double>>(big, p, [&](auto nb, auto pb) {
       FilterOne<T, decltype(nb)::value, decltype(pb)::value>(
           a.typed_data() + b * n * big * big, noise.typed_data() + b * n * big * big,
           c.typed_data() + b * n * p * big, o.typed_data() + b * n * p * q,
@@ -322,7 +219,8 @@ ffi::Error Smooth(ffi::Buffer<DT> a, ffi::Buffer<DT> c, ffi::Buffer<DT> o, ffi::
   std::vector<T> work(3 * big * p + 4 * p * p + p * q + 4 * big * big + big * q);
   const int64_t vec = n * big * q, mat = n * big * big;
   for (int64_t b = 0; b < batch; ++b) {
-    Dispatch<T>(big, p, [&](auto nb, auto pb) {
+    // float32 runs the square-root form by default: its covariance passes keep run-time sizes.
+    Dispatch<std::is_same_v<T, double>>(big, p, [&](auto nb, auto pb) {
     SmoothOne<T, decltype(nb)::value, decltype(pb)::value>(a.typed_data() + b * mat, c.typed_data() + b * n * p * big, o.typed_data() + b * n * p * q,
               pred_mean.typed_data() + b * vec, pred_cov.typed_data() + b * mat, nu->typed_data() + b * vec,
               info->typed_data() + b * mat, filt_mean->typed_data() + b * vec,

@@ -10,7 +10,7 @@ state-space model over the sorted scalar indices. The folder, one concept per mo
 * ``forms`` — which form and which scan (``Scheme``), and the square-root form's derivatives;
 * ``rule`` — the value and its closed-form ``custom_vjp``;
 * ``posterior`` — marginals at new indices and draws;
-* ``native`` — the covariance form's sequential passes as C++ custom calls (``csrc/``);
+* ``native`` — the sequential passes of both forms as C++ custom calls (``csrc/``);
 * ``segments`` — one series over many devices: the recursions in contiguous segments;
 * ``diagnostics`` — non-finite results and float32's rounding estimate.
 """
@@ -58,10 +58,10 @@ class Markov(Solver):
             (their factors, combined by QR; what float32 needs) or ``None`` — by the dtype:
             square roots below float64.
         parallel: associative scans of O(log n) depth (for GPUs) instead of sequential scans.
-        native: run the covariance form's sequential recursions as native passes on the CPU
-            (C++ built at install, one custom call per pass); ``None`` (default): where built,
-            else the JAX scans after a one-time warning; ``False``: the JAX scans (the
-            reference). Other forms, scans and platforms always run JAX.
+        native: run the sequential recursions (both forms) as native passes on the CPU (C++
+            built at install, one custom call per pass); ``None`` (default): where built, else
+            the JAX scans after a one-time warning; ``False``: the JAX scans (the reference).
+            The associative scans, a mesh's segments and other platforms always run JAX.
         mesh: one series over many devices and hosts — a ``jax.sharding.Mesh``; the points,
             sorted, split along ``axis`` into contiguous segments, one per device: each device
             runs the recursions over its segment, conditional on the state entering it, a small
@@ -119,7 +119,7 @@ class Markov(Solver):
         square_root = default_square_root(dtype) if self.form is None else self.form == "square-root"
         parts = self._segments()
         runs_native = (
-            self.native is not False and not square_root and not self.parallel and parts is None and native.applies(dtype)
+            self.native is not False and not self.parallel and parts is None and native.applies(dtype)
         )
         return Scheme(square_root=square_root, parallel=self.parallel, native=runs_native, segments=parts)
 

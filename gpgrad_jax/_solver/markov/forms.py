@@ -31,7 +31,7 @@ from gpgrad_jax._solver.markov import covariance, square_root
 
 class Scheme(NamedTuple):
     """The form and the scan of the Markov recursions (static); ``native``: the sequential
-    recursions of the covariance form as native passes (``native.py``) on the CPU; ``segments``:
+    recursions as native passes (``native.py``) on the CPU; ``segments``:
     the points split over a mesh, the sequential recursions run per segment
     (``segments.Segments``)."""
 
@@ -55,7 +55,7 @@ def filter_pass(model, layout, scheme: Scheme):
     if scheme.square_root:
         if scheme.parallel:
             return square_root.filter_parallel(model, layout)
-        return square_root.filter_sequential(model, layout, scheme.segments)
+        return square_root.filter_sequential(model, layout, scheme.segments, scheme.native)
     if scheme.parallel:
         return covariance.filter_parallel(model)
     if scheme.segments is not None:
@@ -66,7 +66,7 @@ def filter_pass(model, layout, scheme: Scheme):
 def smooth(filtered, model, layout, scheme: Scheme, want_adjoints: bool):
     """The smoothed marginals (and, where asked, the adjoints ``ν_k``, ``N_k``)."""
     if scheme.square_root:
-        return square_root.smooth(filtered, model, layout, scheme.parallel, want_adjoints, scheme.segments)
+        return square_root.smooth(filtered, model, layout, scheme.parallel, want_adjoints, scheme.segments, scheme.native)
     return covariance.smooth(filtered, model, scheme.parallel, scheme.native, scheme.segments)
 
 

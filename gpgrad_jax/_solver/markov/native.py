@@ -1,4 +1,6 @@
-r"""The native recursions: the covariance form's filter and smoother passes in C++ (``csrc/``), one
+r"""The native recursions: the sequential passes of both forms in C++ (``csrc/``) — the covariance
+form's filter and smoother, the square-root form's filter and smoother (its backward information
+filter) — one
 ``jax.ffi`` custom call per pass over all points.
 
 XLA:CPU runs a ``lax.scan`` step through its loop machinery, hundreds of nanoseconds per step
@@ -33,8 +35,13 @@ from gpgrad_jax._diagnostics import warn_once
 
 _PACKAGE = pathlib.Path(__file__).resolve().parents[2]
 
-#: Handler symbols of ``csrc/markov_kernels.cc`` by pass, per dtype suffix.
-_SYMBOLS = {"filter": "GpgradCovarianceFilter", "smooth": "GpgradCovarianceSmooth"}
+#: Handler symbols of ``csrc/covariance.cc`` and ``csrc/square_root.cc`` by pass, per dtype suffix.
+_SYMBOLS = {
+    "covariance_filter": "GpgradCovarianceFilter",
+    "covariance_smooth": "GpgradCovarianceSmooth",
+    "square_root_filter": "GpgradSquareRootFilter",
+    "square_root_smooth": "GpgradSquareRootSmooth",
+}
 _SUFFIX = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float64): "F64"}
 
 MISSING = (
@@ -61,7 +68,7 @@ def available() -> bool:
 
 
 def _target(stem: str, suffix: str) -> str:
-    return f"gpgrad_jax_covariance_{stem}_{suffix.lower()}"
+    return f"gpgrad_jax_{stem}_{suffix.lower()}"
 
 
 def applies(dtype) -> bool:
@@ -170,7 +177,7 @@ def filter_call(a, noise, c, o):
         jax.ShapeDtypeStruct((*batch, n, big, big), a.dtype),
         jax.ShapeDtypeStruct((*batch, n), a.dtype),
     )
-    return _native_pass(_target("filter", _SUFFIX[jnp.dtype(a.dtype)]), out, a, noise, c, o)
+    return _native_pass(_target("covariance_filter", _SUFFIX[jnp.dtype(a.dtype)]), out, a, noise, c, o)
 
 
 def smooth_call(a, c, o, pred_mean, pred_cov):
@@ -180,4 +187,25 @@ def smooth_call(a, c, o, pred_mean, pred_cov):
     batch = a.shape[:-3]
     vector = jax.ShapeDtypeStruct((*batch, n, big, q), a.dtype)
     matrix = jax.ShapeDtypeStruct((*batch, n, big, big), a.dtype)
-    return _native_pass(_target("smooth", _SUFFIX[jnp.dtype(a.dtype)]), (vector, matrix) * 3, a, c, o, pred_mean, pred_cov)
+    return _native_pass(_target("covariance_smooth", _SUFFIX[jnp.dtype(a.dtype)]), (vector, matrix) * 3, a, c, o, pred_mean, pred_cov)
+
+
+def square_root_filter_call(a, noise_factor, c, o):
+    """The fields of ``square_root.Filtered`` (see ``square_root.filter_sequential``)."""
+    n, big, p, q = a.shape[-3], a.shape[-1], c.shape[-2], o.shape[-1]
+    batch = a.shape[:-3]
+    out = tuple(
+        jax.ShapeDtypeStruct((*batch, n, *shape), a.dtype) for shape in ((big, q), (big, big), (p, big), (p, q), (), ())
+    )
+    return _native_pass(_target("square_root_filter", _SUFFIX[jnp.dtype(a.dtype)]), out, a, noise_factor, c, o)
+
+
+def square_root_smooth_call(a_next, noise_next, c, o, filt_mean, filt_factor, filt_c_factor, filt_residual):
+    """``(E[s_k|y], o − C E[s_k|y], G, C G, W, ỹ)``: the smoothed marginals (``Cov(s_k|y) = GGᵀ``)
+    and the pseudo-observation of every state by the data from it on (see ``square_root.smooth``)."""
+    n, big, p, q = a_next.shape[-3], a_next.shape[-1], c.shape[-2], o.shape[-1]
+    batch = a_next.shape[:-3]
+    shapes = ((big, q), (p, q), (big, big), (p, big), (big, big), (big, q))
+    out = tuple(jax.ShapeDtypeStruct((*batch, n, *shape), a_next.dtype) for shape in shapes)
+    target = _target("square_root_smooth", _SUFFIX[jnp.dtype(a_next.dtype)])
+    return _native_pass(target, out, a_next, noise_next, c, o, filt_mean, filt_factor, filt_c_factor, filt_residual)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from gpgrad_jax._smallmatrix import small_matmul as _mm
 from gpgrad_jax._smallmatrix import solve_lower, solve_lower_transposed, triangularize
 from gpgrad_jax._smallmatrix import transpose as _t
-from gpgrad_jax._solver.markov import segments
+from gpgrad_jax._solver.markov import native, segments
 from gpgrad_jax._solver.markov.model import Smoothed, read_values, rows, shift_back, shift_forward, split
 
 Array = Any
@@ -115,20 +115,39 @@ def _filter_scan(inputs, init, layout, shapes):
     return split(stacked, shapes)
 
 
-def filter_sequential(model, layout, parts=None) -> Filtered:
-    """The filter as a ``lax.scan`` (over contiguous segments: ``parts``, see ``segments``)."""
+def filter_sequential(model, layout, parts=None, native: bool = False) -> Filtered:
+    """The filter as one sequential pass: the native custom call (``native``) or a ``lax.scan``
+    (over contiguous segments: ``parts``, see ``segments``)."""
     big = model.transition.shape[-1]
     q = model.obs.shape[-1]
     dtype = model.obs.dtype
     zero = (jnp.zeros((big, q), dtype), jnp.zeros((big, big), dtype))
     inputs = (model.transition, model.process_noise_factor, model.noise_roots, model.obs)
     shapes = _filtered_shapes(model)
+    if native:
+        return Filtered(*_filter_native(layout, shapes)(*inputs, model.obs_matrix))
     if parts is None:
         return Filtered(*_filter_scan(inputs, zero, layout, shapes))
     # A range's composed element gives the filtered mean and factor (offset, factor) after it.
     run = lambda xs, init: _filter_scan(xs, init, layout, shapes)  # noqa: E731
     entry = lambda total: (total[1], total[2])  # noqa: E731
     return Filtered(*segments.scan(run, inputs, _elements(model, layout), _combine, entry, zero, parts))
+
+
+def _filter_native(layout, shapes):
+    """The native filter pass, with the ``lax.scan`` as its reference (other platforms, derivatives)."""
+
+    def reference(transition, noise_factor, noise_roots, obs, obs_matrix):
+        del obs_matrix
+        big, q = shapes[0]
+        zero = (jnp.zeros((big, q), obs.dtype), jnp.zeros((big, big), obs.dtype))
+        return tuple(_filter_scan((transition, noise_factor, noise_roots, obs), zero, layout, shapes))
+
+    def call(transition, noise_factor, noise_roots, obs, obs_matrix):
+        del noise_roots
+        return native.square_root_filter_call(transition, noise_factor, obs_matrix, obs)
+
+    return native.with_reference(call, reference)
 
 
 # -------------------------------------------------- backward information filter
@@ -162,6 +181,23 @@ def _merge(info_root, info_obs, obs_matrix, obs):
     return _t(post[..., :big, :big]), _t(post[..., big:, :big])
 
 
+def _information_scan(inputs, init, want_including: bool):
+    """The backward information filter as a reverse ``lax.scan`` from ``init``, the pseudo-
+    observation after the last point: ``(W, ỹ)`` after each point (and from it on)."""
+    transition, _, _, obs = inputs
+    big, q = transition.shape[-1], obs.shape[-1]
+
+    def step(carry, inputs):
+        transition, noise_factor, obs_matrix, obs = inputs
+        after = _time_update(transition, noise_factor, *carry)
+        including = _merge(*after, obs_matrix, obs)
+        out = after + including if want_including else after
+        return including, rows(*out)
+
+    _, stacked = jax.lax.scan(step, init, inputs, reverse=True)
+    return split(stacked, [(big, big), (big, q)] * (2 if want_including else 1))
+
+
 def information_sequential(model, layout, want_including: bool, parts=None):
     """For every ``k`` the pseudo-observation of ``s_k`` by the data after ``k`` (and, with
     ``want_including``, by the data from ``k`` on), as a reverse ``lax.scan`` (over contiguous
@@ -169,20 +205,9 @@ def information_sequential(model, layout, want_including: bool, parts=None):
     q = model.obs.shape[-1]
     big = model.transition.shape[-1]
     dtype = model.obs.dtype
-
-    def run(inputs, init):
-        def step(carry, inputs):
-            transition, noise_factor, obs_matrix, obs = inputs
-            after = _time_update(transition, noise_factor, *carry)
-            including = _merge(*after, obs_matrix, obs)
-            out = after + including if want_including else after
-            return including, rows(*out)
-
-        _, stacked = jax.lax.scan(step, init, inputs, reverse=True)
-        return split(stacked, [(big, big), (big, q)] * (2 if want_including else 1))
-
     zero = (jnp.zeros((big, big), dtype), jnp.zeros((big, q), dtype))
     transition, noise_factor = shift_back(model.transition), shift_back(model.process_noise_factor)
+    run = lambda inputs, init: _information_scan(inputs, init, want_including)  # noqa: E731
     if parts is None:
         return run((transition, noise_factor, model.obs_matrix, model.obs), zero)
     # A composition of the elements after a segment is the pseudo-observation of the segment's
@@ -265,20 +290,36 @@ def information_parallel(model, layout, want_including: bool):
 # ------------------------------------------------------------------ smoother
 
 
-def smooth(filtered: Filtered, model, layout, parallel: bool, want_adjoints: bool, parts=None) -> Smoothed:
-    """Smoothed marginals from the filtered moments and the backward pseudo-observations.
+def smooth(filtered: Filtered, model, layout, parallel: bool, want_adjoints: bool, parts=None, native: bool = False) -> Smoothed:
+    """Smoothed marginals from the filtered moments and the backward pseudo-observations; with
+    ``native``, both in one native pass (``native.square_root_smooth_call``).
 
     With ``want_adjoints`` also ``ν_k = ∂L/∂m⁻_k`` and ``N_k`` (``∂L/∂P⁻_k = ½(ν_kν_kᵀ − qN_k)``)
     from the predicted moments and the pseudo-observation of the data from ``k`` on:
     ``L = const + log N(ỹ'; W'm⁻, I + W'P⁻W'ᵀ)``, so ``ν = W'ᵀV⁻¹(ỹ' − W'm⁻)``, ``N = W'ᵀV⁻¹W'``.
     """
-    if parallel:
-        info = information_parallel(model, layout, want_adjoints)
+    if native:
+        inputs = (shift_back(model.transition), shift_back(model.process_noise_factor), model.obs_matrix, model.obs)
+        moments = (filtered.mean, filtered.factor, filtered.c_factor, filtered.whitened_residual)
+        mean, whitened_residual, factor, c_factor, *including = _smooth_native(*inputs, *moments)
     else:
-        info = information_sequential(model, layout, want_adjoints, parts)
-    after_root, after_obs = info[:2]
+        if parallel:
+            info = information_parallel(model, layout, want_adjoints)
+        else:
+            info = information_sequential(model, layout, want_adjoints, parts)
+        mean, whitened_residual, factor, c_factor = _smoothed(filtered, *info[:2])
+        including = info[2:]
+    nu = info_matrix = None
+    if want_adjoints:
+        nu, info_matrix = _adjoints(filtered, model, *including)
+    return Smoothed(mean, whitened_residual, factor, factor, c_factor, nu, info_matrix)
+
+
+def _smoothed(filtered: Filtered, after_root, after_obs):
+    """``(E[s_k|y], o − C E[s_k|y], G, C G)``: the filtered moments conditioned on the
+    pseudo-observation of the data after each point, ``Cov(s_k|y) = GGᵀ`` (batched)."""
     n, big, _ = filtered.mean.shape
-    p = filtered.c_factor.shape[1]
+    p = filtered.c_factor.shape[-2]
     dtype = filtered.mean.dtype
     carried = [
         (jnp.zeros((n, big, big), dtype), filtered.factor),
@@ -289,12 +330,18 @@ def smooth(filtered: Filtered, model, layout, parallel: bool, want_adjoints: boo
     gain, factor = post[:, big : 2 * big, :big], post[:, big : 2 * big, big:]
     c_gain, c_factor = post[:, 2 * big :, :big], post[:, 2 * big :, big:]
     whitened = solve_lower(root, after_obs - _mm(after_root, filtered.mean))
-    mean = filtered.mean + _mm(gain, whitened)
-    whitened_residual = filtered.whitened_residual - _mm(c_gain, whitened)
-    nu = info_matrix = None
-    if want_adjoints:
-        nu, info_matrix = _adjoints(filtered, model, *info[2:])
-    return Smoothed(mean, whitened_residual, factor, factor, c_factor, nu, info_matrix)
+    return filtered.mean + _mm(gain, whitened), filtered.whitened_residual - _mm(c_gain, whitened), factor, c_factor
+
+
+def _smooth_reference(a_next, noise_next, obs_matrix, obs, mean, factor, c_factor, whitened_residual):
+    big, q = a_next.shape[-1], obs.shape[-1]
+    zero = (jnp.zeros((big, big), obs.dtype), jnp.zeros((big, q), obs.dtype))
+    after_root, after_obs, *including = _information_scan((a_next, noise_next, obs_matrix, obs), zero, True)
+    filtered = Filtered(mean, factor, c_factor, whitened_residual, None, None)
+    return (*_smoothed(filtered, after_root, after_obs), *including)
+
+
+_smooth_native = native.with_reference(native.square_root_smooth_call, _smooth_reference)
 
 
 def _adjoints(filtered: Filtered, model, root_from, obs_from):
