@@ -203,6 +203,13 @@ def test_batched_benchmark_quick_mode_writes_json_and_plot(tmp_path):
         assert set(entry["series"]) == {"written out", "LAPACK one at a time", "single problem (LAPACK)", "LAPACK batched"}
 
 
+@pytest.mark.slow
+def test_native_benchmark_quick_mode_writes_json_and_plot(tmp_path):
+    report = _run_benchmark("native.py", tmp_path)
+    (entry,) = report["rows"]
+    assert len(entry["series"]) == 12 and all(v > 0 for v in entry["native_speedup"].values())
+
+
 def _value_pair(line, label, other):
     """``label: VALUE (other: VALUE)`` → the two values."""
     assert line.startswith(f"{label}: ") and f"({other}: " in line, line
