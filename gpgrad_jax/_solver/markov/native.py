@@ -1,7 +1,6 @@
 r"""The native recursions: the sequential passes of both forms in C++ (``csrc/``) — the covariance
 form's filter and smoother, the square-root form's filter and smoother (its backward information
-filter) — one
-``jax.ffi`` custom call per pass over all points.
+filter) — one ``jax.ffi`` custom call per pass over all points.
 
 XLA:CPU runs a ``lax.scan`` step through its loop machinery, hundreds of nanoseconds per step
 whatever the arithmetic; a C++ loop costs the arithmetic. The library built by ``pip install``
