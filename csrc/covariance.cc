@@ -27,6 +27,8 @@ using gpgrad::Dispatch;
 using gpgrad::MatMul;
 using gpgrad::MatMulT;
 using gpgrad::Rank;
+using gpgrad::Sizes;
+using gpgrad::SizesOf;
 using gpgrad::SpdInverse;
 using gpgrad::TMatMul;
 
@@ -180,13 +182,9 @@ ffi::Error Filter(ffi::Buffer<DT> a, ffi::Buffer<DT> noise, ffi::Buffer<DT> c, f
   using T = ffi::NativeType<DT>;
   if (auto err = Rank(a, 3, "transition"); err.failure()) return err;
   if (auto err = Rank(c, 3, "obs_matrix"); err.failure()) return err;
-  const auto dims = a.dimensions();
-  const size_t rank = dims.size();
-  const int64_t n = dims[rank - 3], big = dims[rank - 1];
-  const int64_t p = c.dimensions()[rank - 2];
-  const int64_t q = o.dimensions()[rank - 1];
-  if (n == 0 || big == 0) return ffi::Error::Success();
-  const int64_t batch = static_cast<int64_t>(a.element_count()) / (n * big * big);
+  const Sizes s = SizesOf(a, c, o);
+  const int64_t batch = s.batch, n = s.n, big = s.big, p = s.p, q = s.q;
+  if (batch == 0) return ffi::Error::Success();
   std::vector<T> work(big * q + 3 * big * big + 2 * big * p + 4 * p * p + 2 * p * q + big * p);
   for (int64_t b = 0; b < batch; ++b) {
     // float32 runs the square-root form by default: its covariance passes keep run-time sizes.
@@ -209,13 +207,9 @@ ffi::Error Smooth(ffi::Buffer<DT> a, ffi::Buffer<DT> c, ffi::Buffer<DT> o, ffi::
   using T = ffi::NativeType<DT>;
   if (auto err = Rank(a, 3, "transition"); err.failure()) return err;
   if (auto err = Rank(c, 3, "obs_matrix"); err.failure()) return err;
-  const auto dims = a.dimensions();
-  const size_t rank = dims.size();
-  const int64_t n = dims[rank - 3], big = dims[rank - 1];
-  const int64_t p = c.dimensions()[rank - 2];
-  const int64_t q = o.dimensions()[rank - 1];
-  if (n == 0 || big == 0) return ffi::Error::Success();
-  const int64_t batch = static_cast<int64_t>(a.element_count()) / (n * big * big);
+  const Sizes s = SizesOf(a, c, o);
+  const int64_t batch = s.batch, n = s.n, big = s.big, p = s.p, q = s.q;
+  if (batch == 0) return ffi::Error::Success();
   std::vector<T> work(3 * big * p + 4 * p * p + p * q + 4 * big * big + big * q);
   const int64_t vec = n * big * q, mat = n * big * big;
   for (int64_t b = 0; b < batch; ++b) {

@@ -198,4 +198,20 @@ ffi::Error Rank(const Buf& buffer, size_t at_least, const char* name) {
 }
 
 
+// The sizes of a pass from its transition A (…, n, N, N), observation matrix C (…, n, p, N) and
+// data o (…, n, p, q): the leading axes are one batch axis of ``batch`` problems (0 when n or N
+// is 0: nothing to do).
+struct Sizes {
+  int64_t batch, n, big, p, q;
+};
+
+template <typename Buf>
+Sizes SizesOf(const Buf& a, const Buf& c, const Buf& o) {
+  const auto dims = a.dimensions();
+  const size_t rank = dims.size();
+  Sizes s{0, dims[rank - 3], dims[rank - 1], c.dimensions()[rank - 2], o.dimensions()[rank - 1]};
+  s.batch = s.n * s.big == 0 ? 0 : static_cast<int64_t>(a.element_count()) / (s.n * s.big * s.big);
+  return s;
+}
+
 }  // namespace gpgrad

@@ -32,6 +32,8 @@ using gpgrad::MatMul;
 using gpgrad::Rank;
 using gpgrad::SolveLower;
 using gpgrad::SolveLowerTransposed;
+using gpgrad::Sizes;
+using gpgrad::SizesOf;
 using gpgrad::Triangularize;
 
 // Per step: S⁻ = tria([A S, L]), m⁻ = A m; then
@@ -247,19 +249,6 @@ void SmoothOne(const T* a_next, const T* noise_next, const T* c, const T* o, con
       }
     }
   }
-}
-
-struct Sizes {
-  int64_t batch, n, big, p, q;
-};
-
-template <typename Buf>
-Sizes SizesOf(const Buf& a, const Buf& c, const Buf& o) {
-  const auto dims = a.dimensions();
-  const size_t rank = dims.size();
-  Sizes s{0, dims[rank - 3], dims[rank - 1], c.dimensions()[rank - 2], o.dimensions()[rank - 1]};
-  s.batch = s.n * s.big == 0 ? 0 : static_cast<int64_t>(a.element_count()) / (s.n * s.big * s.big);
-  return s;
 }
 
 template <ffi::DataType DT>
